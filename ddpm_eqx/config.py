@@ -104,6 +104,8 @@ class DDPMConfig:
 
     def __post_init__(self) -> None:
         _require(self.timesteps > 0, f"ddpm.timesteps must be positive, got {self.timesteps}")
+        _require(self.beta_schedule != "linear" or self.timesteps >= 21,
+                 f"ddpm.timesteps={self.timesteps} is too small for the linear schedule (betas 1e-4..20/T); use >= 21")
         _require(self.p2_loss_weight_gamma >= 0, "ddpm.p2_loss_weight_gamma must be >= 0")
         _require(self.p2_loss_weight_k > 0, "ddpm.p2_loss_weight_k must be > 0")
         _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "ddpm.min_snr_gamma must be > 0")

@@ -20,6 +20,8 @@ MAX_BETA = 0.999
 def linear_beta_schedule(timesteps: int) -> Float64[np.ndarray, " T"]:
     """Ho et al. (2020): betas from 1e-4 to 0.02, rescaled by 1000/T so any T spans the same noise range."""
     scale = 1000.0 / timesteps
+    if scale * 0.02 >= 1.0:
+        raise ValueError(f"the linear schedule needs timesteps >= 21 (its last beta is 20/T), got {timesteps}")
     return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
 
 

@@ -184,6 +184,23 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How sample grids during training are drawn (``ddpm-eqx sample`` flags override these)."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int | None = None
+    """DDIM steps (None: all T)."""
+    eta: float = 0.0
+    guidance: float = 1.0
+    """Classifier-free guidance scale for class-conditional models (1: plain conditional)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps is None or self.steps > 0, f"sampling.steps must be positive, got {self.steps}")
+        _require(self.eta >= 0, f"sampling.eta must be >= 0, got {self.eta}")
+        _require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
+
+
+@dataclasses.dataclass(frozen=True)
 class WandbConfig:
     mode: WandbMode = "disabled"
     entity: str | None = None
@@ -203,8 +220,13 @@ class Config:
     training: TrainingConfig = TrainingConfig()
     ema: EMAConfig = EMAConfig()
     optim: OptimConfig = OptimConfig()
+    sampling: SamplingConfig = SamplingConfig()
     wandb: WandbConfig = WandbConfig()
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        _require(self.sampling.steps is None or self.sampling.steps <= self.ddpm.timesteps,
+                 f"sampling.steps={self.sampling.steps} exceeds ddpm.timesteps={self.ddpm.timesteps}")
 
 
 # --- overrides and JSON -------------------------------------------------------------------------
@@ -261,23 +283,26 @@ def valid_keys(config: Config) -> list[str]:
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply ``section.field=value`` overrides, each parsed against the field's annotation."""
+    """Apply ``section.field=value`` overrides, each parsed against the field's annotation.
+
+    All overrides are applied together, so checks across sections see the final values.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. optim.lr=2e-4")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = (part.strip() for part in item.split("=", 1))
         if key not in valid_keys(config):
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(config))}")
         if "." in key:
             section_name, field_name = key.split(".", 1)
-            section = getattr(config, section_name)
-            value = _parse_value(text.strip(), _field_types(type(section))[field_name], key)
-            config = dataclasses.replace(config, **{section_name: dataclasses.replace(section, **{field_name: value})})
+            annotation = _field_types(type(getattr(config, section_name)))[field_name]
+            changes.setdefault(section_name, {})[field_name] = _parse_value(text, annotation, key)
         else:
-            value = _parse_value(text.strip(), _field_types(Config)[key], key)
-            config = dataclasses.replace(config, **{key: value})
-    return config
+            top[key] = _parse_value(text, _field_types(Config)[key], key)
+    sections = {name: dataclasses.replace(getattr(config, name), **kw) for name, kw in changes.items()}
+    return dataclasses.replace(config, **sections, **top)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the config.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+half-written checkpoint is never listed. A checkpoint that is listed but unreadable (truncated
+or deleted files) is skipped with a warning naming it, and the previous one is used; nothing is
+ever deleted by a restore.
+
+Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_array`` is False for
+``jax.ShapeDtypeStruct``, so the skeleton is filtered with ``_is_leaf_array`` (see STACK_NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import orbax.checkpoint as ocp
+from jaxtyping import PyTree
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message says where it looked and what to do."""
+
+
+def _is_leaf_array(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+class Checkpointer:
+    """A thin wrapper around ``ocp.CheckpointManager`` with items ``state``, ``data`` and ``meta``."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+        arrays = eqx.filter(state, eqx.is_array)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        result = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(result.meta)
+
+    def restore(self, step: int, skeleton: PyTree) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+        """Restore ``step`` into the structure of ``skeleton`` (real arrays or ShapeDtypeStructs)."""
+        abstract, static = eqx.partition(skeleton, _is_leaf_array)
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract
+        )
+        result = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return eqx.combine(result.state, static), dict(result.data or {}), dict(result.meta)
+
+    def restore_latest(
+        self, skeleton: PyTree, *, step: int | None = None
+    ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]] | None:
+        """The newest readable checkpoint (or ``step``), falling back past unreadable ones; None if none."""
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
+            steps = [step]
+        for s in reversed(steps):
+            try:
+                state, data, meta = self.restore(s, skeleton)
+            except Exception as e:  # Orbax raises many types for truncated or missing files.
+                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                            self.directory, s, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                continue
+            return s, state, data, meta
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read")
+        return None
+
+
+def read_config_json(ckpt_dir: Path) -> str:
+    """The config stored beside the checkpoints (``<workdir>/config.json``) or in the newest meta."""
+    for candidate in (ckpt_dir / "config.json", ckpt_dir.parent / "config.json"):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise CheckpointError(f"no config.json beside {ckpt_dir}; is this a ddpm-eqx run directory?")
+
+
+__all__ = ["Checkpointer", "CheckpointError", "read_config_json", "json"]

@@ -9,7 +9,7 @@ q(x_{t-1} | x_t, x_0) (eqs. 6-7). Index t runs over 0..T-1 (the paper's 1..T).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -22,6 +22,7 @@ from ddpm_eqx.config import DDPMConfig, LossType, Objective
 from ddpm_eqx.schedule import beta_schedule
 
 
+@runtime_checkable
 class Denoiser(Protocol):
     """What the process needs of a network: the U-Net's per-image call."""
 

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ddpm_eqx._types import Keys
 from ddpm_eqx.diffusion import GaussianDiffusion
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, gather, replicate
 from ddpm_eqx.sample import Sampler, sample
@@ -42,7 +43,7 @@ class ShardedSampler:
         static = eqx.partition(model_like, eqx.is_array)[1]
         proc_static = eqx.partition(process, eqx.is_array)[1]
 
-        def per_shard(arrays: Any, proc_arrays: Any, keys: PRNGKeyArray, labels: Int[Array, " b"] | None) -> Any:
+        def per_shard(arrays: Any, proc_arrays: Any, keys: Keys, labels: Int[Array, " b"] | None) -> Any:
             return sample(
                 eqx.combine(proc_arrays, proc_static), eqx.combine(arrays, static), keys, shape,
                 sampler=sampler, steps=steps, eta=eta, labels=labels, guidance=guidance, return_path=return_path,
@@ -53,7 +54,7 @@ class ShardedSampler:
         self._fn = jax.jit(batch_sharded(per_shard, mesh, (P(), P(), P(AXIS), label_spec), out_specs))
 
     def __call__(
-        self, model: Any, keys: PRNGKeyArray, labels: Int[Array, " b"] | None = None
+        self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None
     ) -> Float[np.ndarray, "n c h w"] | tuple[Float[np.ndarray, "n c h w"], Float[np.ndarray, "n s c h w"]]:
         if self.conditional and labels is None:
             raise ValueError("this model is class-conditional: pass labels (use the null class for unconditional)")

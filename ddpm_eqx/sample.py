@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ddpm_eqx._types import Image, Images, Label
+from ddpm_eqx._types import Image, Images, Keys, Label
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion
 
 Sampler = Literal["ddpm", "ddim"]
@@ -116,7 +116,7 @@ def sample_image(
         return (x, x0), x
 
     index = jnp.arange(ts.shape[0])
-    (x, _), path = jax.lax.scan(body, (x_T, jnp.zeros(shape)), (ts, t_prevs, index))
+    (x, _), path = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (ts, t_prevs, index))
     path = jnp.concatenate([x_T[None], path])
     return jnp.clip(x, -1.0, 1.0), path
 
@@ -125,7 +125,7 @@ def sample_image(
 def sample(
     process: GaussianDiffusion,
     model: Denoiser,
-    keys: PRNGKeyArray,
+    keys: Keys,
     shape: tuple[int, int, int],
     *,
     sampler: Sampler = "ddpm",

@@ -38,8 +38,8 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> Float64[np.ndarray
     return _betas_from_alphas_cumprod(alphas_cumprod)
 
 
-def _sigmoid(x: Float64[np.ndarray, "..."] | float) -> Float64[np.ndarray, "..."]:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+def _sigmoid(x: Float64[np.ndarray, "..."]) -> Float64[np.ndarray, "..."]:
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def sigmoid_beta_schedule(
@@ -50,12 +50,12 @@ def sigmoid_beta_schedule(
     Better than cosine for images above 64x64, as lucidrains' implementation notes.
     """
     t = np.linspace(0, timesteps, timesteps + 1, dtype=np.float64) / timesteps
-    v_start, v_end = _sigmoid(start / tau), _sigmoid(end / tau)
+    v_start, v_end = 1.0 / (1.0 + math.exp(-start / tau)), 1.0 / (1.0 + math.exp(-end / tau))
     alphas_cumprod = (v_end - _sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
     return _betas_from_alphas_cumprod(alphas_cumprod)
 
 
-def beta_schedule(name: BetaSchedule, timesteps: int) -> Float64[np.ndarray, " T"]:
+def beta_schedule(name: BetaSchedule | str, timesteps: int) -> Float64[np.ndarray, " T"]:
     """The betas of the named schedule, float64."""
     if name == "linear":
         return linear_beta_schedule(timesteps)

@@ -65,7 +65,7 @@ def example_loss(
 
 def make_train_step(
     cfg: Config, process: GaussianDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh
-) -> Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]]:
+) -> "TrainStep":
     """Build ``train_step(state, images, labels) -> (state, metrics)``, jitted, state donated.
 
     ``images``/``labels`` are global arrays split over the mesh axis ``data``. ``train_step.traces``
@@ -116,5 +116,19 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr_schedule(state.step))}
         return TrainState(state.step + 1, model, ema_model, opt_state), metrics
 
-    train_step.traces = traces  # type: ignore[attr-defined]
-    return train_step
+    return TrainStep(train_step, traces)
+
+
+class TrainStep:
+    """The compiled step, with ``traces``: how often JAX traced it (a run must trace it once)."""
+
+    def __init__(self, fn: Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]],
+                 traces: list[int]):
+        self._fn, self._traces = fn, traces
+
+    @property
+    def traces(self) -> int:
+        return self._traces[0]
+
+    def __call__(self, state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
+        return self._fn(state, images, labels)

@@ -137,7 +137,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         ckpt.close()
         if run is not None:
             run.finish()
-    return TrainResult(state, step, stop.signal is not None, train_step.traces[0])  # type: ignore[attr-defined]
+    return TrainResult(state, step, stop.signal is not None, train_step.traces)
 
 
 def _restore(cfg: Config, ckpt: Checkpointer, state: TrainState, iterator: Any,

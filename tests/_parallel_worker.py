@@ -1,0 +1,46 @@
+"""Run a few train steps of a tiny model on N fake CPU devices; save the parameters (for test_parallel)."""
+
+import sys
+
+from ddpm_eqx.parallel import set_host_device_count
+
+set_host_device_count(int(sys.argv[1]))
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from ddpm_eqx.config import Config, apply_overrides  # noqa: E402
+from ddpm_eqx.parallel import make_mesh, replicate, shard_batch  # noqa: E402
+from ddpm_eqx.state import init_state  # noqa: E402
+from ddpm_eqx.step import make_train_step  # noqa: E402
+from ddpm_eqx.train import build_model  # noqa: E402
+from ddpm_eqx.diffusion import make_diffusion  # noqa: E402
+
+TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
+        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100",
+        "ddpm.self_condition=true"]
+
+
+def main(devices: int, out: str, optimizer_name: str) -> None:
+    cfg = apply_overrides(Config(), TINY)
+    mesh = make_mesh()
+    assert mesh.devices.size == devices
+    optimizer = optax.sgd(1e-3) if optimizer_name == "sgd" else optax.adam(1e-3)
+    state = replicate(init_state(build_model(cfg), optimizer), mesh)
+    initial = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))]
+    process = replicate(make_diffusion(cfg.ddpm, "l2"), mesh)
+    step = make_train_step(cfg, process, optimizer, mesh)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        images = rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32)
+        labels = np.zeros((8,), np.int32)
+        state, metrics = step(state, *shard_batch((images, labels), mesh))
+    leaves = jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))
+    moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(leaves, initial))
+    np.savez(out, *[np.asarray(x) for x in leaves], loss=np.asarray(metrics["loss"]), traces=step.traces, moved=moved)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

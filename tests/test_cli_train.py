@@ -1,0 +1,157 @@
+"""End to end through the CLI on the real Fashion-MNIST (prepared offline): train, checkpoint,
+metrics, samples, resume, exact resume after SIGKILL, SIGTERM, override errors, sample."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
+        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=50",
+        "sampling.sampler=ddim", "sampling.steps=5", "training.num_sample=4", "training.log_every_steps=2",
+        "training.save_and_sample_every=2", "training.max_to_keep=10"]
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), *args]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # Identical programs compile once across the test's processes.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _train_args(data_dir: Path, workdir: Path, steps: int, *extra: str) -> list[str]:
+    sets = [*TINY, f"data.data_dir={data_dir}", f"training.num_train_steps={steps}", *extra]
+    return _cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir), "--host-devices", "2",
+                *[a for s in sets for a in ("--set", s)])
+
+
+def _train(data_dir, workdir, steps, tmp_path, *extra, check=True):
+    return subprocess.run(_train_args(data_dir, workdir, steps, *extra), env=_env(tmp_path), capture_output=True,
+                          text=True, check=check, timeout=600)
+
+
+def _final_params(workdir: Path, step: int) -> list[np.ndarray]:
+    import equinox as eqx
+    import jax
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.config import from_json
+    from ddpm_eqx.train import build_state
+
+    cfg = from_json((workdir / "config.json").read_text())
+    skeleton = eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+    found = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(skeleton, step=step)
+    assert found is not None
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(found[1], eqx.is_array))]
+
+
+@pytest.fixture(scope="module")
+def reference_run(fashion_mnist_data_dir, tmp_path_factory):
+    """An uninterrupted 8-step run: the reference for resume tests."""
+    tmp = tmp_path_factory.mktemp("ref")
+    workdir = tmp / "run"
+    result = _train(fashion_mnist_data_dir, workdir, 8, tmp)
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_metrics_samples_and_config(reference_run):
+    workdir, result = reference_run
+    assert "finished at step 8" in result.stdout
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6, 8]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert {"lr", "steps_per_s", "images_per_s"} <= set(records[0])
+    assert (workdir / "samples" / "step_8.png").is_file()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["dim"] == 8 and config["data"]["dataset"] == "fashion_mnist"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(reference_run, fashion_mnist_data_dir, tmp_path):
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, 8), env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2" / "commit_success.txt").exists():  # Orbax marks complete steps
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path)
+    assert "resumed from" in resumed.stderr
+    for a, b in zip(_final_params(ref_dir, 8), _final_params(workdir, 8), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_cleanly(fashion_mnist_data_dir, tmp_path):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, 10_000, "training.save_and_sample_every=5000"),
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2 and f"stopped at step {steps[0]}" in out
+    resumed = _train(fashion_mnist_data_dir, workdir, steps[0] + 2, tmp_path)
+    assert f"finished at step {steps[0] + 2}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, tmp_path):
+    workdir, _ = reference_run
+    env = _env(tmp_path)
+    outs = []
+    for name, args in [("a", ["--sampler", "ddim", "--steps", "5"]), ("b", ["--sampler", "ddim", "--steps", "5"]),
+                       ("c", ["--sampler", "ddpm"])]:
+        npz = tmp_path / f"{name}.npz"
+        subprocess.run(_cmd("sample", "--ckpt", str(workdir), "--num", "6", "--batch-size", "4", "--seed", "3",
+                            "--out", str(tmp_path / f"{name}.png"), "--npz", str(npz), *args),
+                       env=env, check=True, capture_output=True, timeout=600)
+        outs.append(np.load(npz)["image"])
+        assert (tmp_path / f"{name}.png").is_file()
+    assert outs[0].shape == (6, 8, 8, 1) and outs[0].dtype == np.uint8
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["optim.lr=-1"], "optim.lr must be positive"), (["ddpm.beta_schedule=quadratic"], "is not one of linear"),
+     (["ddpm.timesteps=0"], "ddpm.timesteps must be positive"), (["optim.lr=fast"], "is not a valid float"),
+     (["model.dims=3"], "unknown config key 'model.dims'; valid keys: data.dataset")],
+)
+def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
+    workdir = tmp_path / "never"
+    args = _cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir),
+                *[a for s in overrides for a in ("--set", s)])
+    result = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+def test_sample_errors_for_missing_and_empty_checkpoints(tmp_path):
+    for ckpt, message in [(tmp_path / "nope", "does not exist"), (tmp_path, "holds no checkpoints")]:
+        result = subprocess.run(_cmd("sample", "--ckpt", str(ckpt)), env=_env(tmp_path), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 1 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

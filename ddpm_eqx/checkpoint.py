@@ -11,7 +11,6 @@ Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_arra
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 from jaxtyping import PyTree
+
+from ddpm_eqx.parallel import P, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,9 @@ class Checkpointer:
     def restore(self, step: int, skeleton: PyTree) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
         """Restore ``step`` into the structure of ``skeleton`` (real arrays or ShapeDtypeStructs)."""
         abstract, static = eqx.partition(skeleton, _is_leaf_array)
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract
-        )
+        # Restore replicated over this process's devices, whatever the topology at save time.
+        replicated = NamedSharding(make_mesh(), P())
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
         result = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -101,12 +103,4 @@ class Checkpointer:
         return None
 
 
-def read_config_json(ckpt_dir: Path) -> str:
-    """The config stored beside the checkpoints (``<workdir>/config.json``) or in the newest meta."""
-    for candidate in (ckpt_dir / "config.json", ckpt_dir.parent / "config.json"):
-        if candidate.is_file():
-            return candidate.read_text()
-    raise CheckpointError(f"no config.json beside {ckpt_dir}; is this a ddpm-eqx run directory?")
-
-
-__all__ = ["Checkpointer", "CheckpointError", "read_config_json", "json"]
+__all__ = ["Checkpointer", "CheckpointError"]

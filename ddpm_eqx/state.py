@@ -26,6 +26,17 @@ class TrainState(eqx.Module):
     opt_state: PyTree
 
 
+def _frozen(node: object) -> bool:
+    return isinstance(node, eqx.Module) and getattr(node, "frozen", False) is True
+
+
+def trainable(model: PyTree) -> PyTree:
+    """Filter spec of the trained leaves: floating-point arrays, except inside modules with ``frozen=True``
+    (the U-Net's random Fourier features), so neither Adam nor weight decay ever touches those."""
+    return jax.tree_util.tree_map(lambda node: False if _frozen(node) else eqx.is_inexact_array(node), model,
+                                  is_leaf=_frozen)
+
+
 def learning_rate_schedule(cfg: OptimConfig, num_train_steps: int) -> optax.Schedule:
     """Constant (the seed), or linear warm-up then optional cosine decay to 0."""
     if cfg.cosine_decay:
@@ -50,7 +61,7 @@ def make_optimizer(cfg: OptimConfig, num_train_steps: int) -> optax.GradientTran
 
 
 def init_state(model: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
-    params = eqx.filter(model, eqx.is_inexact_array)
+    params = eqx.filter(model, trainable(model))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         model=model,

@@ -21,7 +21,7 @@ from ddpm_eqx._types import Image, Images, Label
 from ddpm_eqx.config import Config
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.parallel import AXIS, P, batch_sharded
-from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule
+from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -101,7 +101,7 @@ def make_train_step(
         example_key, sc_key = jax.random.split(step_key)
         keys = jax.random.split(example_key, images.shape[0])
         use_sc = jax.random.bernoulli(sc_key, 0.5)  # one coin per step: see diffusion_loss
-        params, static = eqx.partition(state.model, eqx.is_inexact_array)
+        params, static = eqx.partition(state.model, trainable(state.model))
         proc_arrays, proc_static = eqx.partition(process, eqx.is_array)
 
         def shard_fn(params, images, labels, keys, use_sc, proc_arrays):  # type: ignore[no-untyped-def]

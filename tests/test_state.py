@@ -56,3 +56,28 @@ def test_grad_clip_and_weight_decay_are_applied():
     decayed = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5), 10)
     updates, _ = decayed.update({"w": jnp.zeros(4)}, decayed.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5, rtol=1e-6)  # decoupled decay only
+
+
+def test_frozen_fourier_features_are_not_trained_even_with_weight_decay():
+    import equinox as eqx
+
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.state import init_state, trainable
+    from ddpm_eqx.train import build_model
+
+    cfg = apply_overrides(Config(), ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4",
+                                     "data.image_size=8", "model.random_fourier_features=true"])
+    model = build_model(cfg)
+    spec = trainable(model)
+    params = eqx.filter(model, spec)
+    frozen = model.time_embedding.fourier.weights
+    leaves = jax.tree_util.tree_leaves(params)
+    all_float = [x for x in jax.tree_util.tree_leaves(model) if eqx.is_inexact_array(x)]
+    assert len(leaves) == len(all_float) - 1  # exactly the Fourier weights are left out
+    optimizer = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5), 10)
+    state = init_state(model, optimizer)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, state.opt_state, params)
+    new = eqx.apply_updates(model, updates)
+    assert np.array_equal(new.time_embedding.fourier.weights, frozen)
+    assert not np.array_equal(new.final_conv.weight, model.final_conv.weight)

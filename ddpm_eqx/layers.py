@@ -1,0 +1,284 @@
+"""U-Net building blocks: timestep embeddings, ResNet blocks, attention, down/upsampling.
+
+The layers are those of the 2022 U-Net in lucidrains' denoising-diffusion-pytorch as ported by the seed
+(yiyixuxu/denoising-diffusion-flax): the PixelCNN++/Wide-ResNet U-Net of Ho et al. 2020 (arXiv:2006.11239,
+App. B) with weight-standardised convolutions, FiLM-style timestep conditioning and linear attention.
+Every layer maps one image ``(c, h, w)``; callers batch with ``jax.vmap``.
+"""
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ddpm_eqx._types import Key, Timestep
+
+Fourier = Literal["sinusoidal", "random", "learned"]
+
+
+def _eps(x: Array) -> float:
+    # The seed/lucidrains use a larger epsilon below float32 so bf16 statistics stay finite.
+    return 1e-5 if x.dtype == jnp.float32 else 1e-3
+
+
+def sinusoidal_embedding(t: Timestep, dim: int) -> Float[Array, " d"]:
+    """Transformer position encoding of a timestep (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, App. B).
+
+    ``dim // 2`` sines then as many cosines, with frequencies geometric from 1 down to 1/10000.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / (half - 1))
+    # float32 whatever the model dtype: t runs to ~1000, where bf16 cannot tell neighbours apart.
+    angles = jnp.asarray(t, jnp.float32) * freqs
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
+
+
+class FourierFeatures(eqx.Module):
+    """Random (Tancik et al. 2020) or learned (Kingma et al. 2021, VDM) Fourier features of ``t``.
+
+    Returns ``[t, sin(2 pi w t), cos(2 pi w t)]`` with ``w ~ N(0, I)``, so ``dim + 1`` features. Random
+    features stay an array (checkpoints keep them) but are frozen: the forward pass stops their gradient
+    and ``unet.count_params`` leaves them out. An optimiser with weight decay should mask them too.
+    """
+
+    weights: Float[Array, " half"]
+    frozen: bool = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, frozen: bool, key: Key):
+        if dim % 2:
+            raise ValueError(f"learned_sinusoidal_dim must be even, got {dim}")
+        self.weights = jax.random.normal(key, (dim // 2,))
+        self.frozen = frozen
+
+    def __call__(self, t: Timestep) -> Float[Array, " d"]:
+        weights = jax.lax.stop_gradient(self.weights) if self.frozen else self.weights
+        t = jnp.asarray(t, jnp.float32)
+        angles = 2 * math.pi * t * weights
+        return jnp.concatenate([t[None], jnp.sin(angles), jnp.cos(angles)])
+
+
+class TimeEmbedding(eqx.Module):
+    """``t -> features -> Linear -> GELU -> Linear`` to ``4 * dim`` (Ho et al. 2020, App. B)."""
+
+    fourier: FourierFeatures | None
+    linear1: eqx.nn.Linear
+    linear2: eqx.nn.Linear
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, features: Fourier, fourier_dim: int, key: Key):
+        kf, k1, k2 = jax.random.split(key, 3)
+        if features == "sinusoidal":
+            self.fourier, in_dim = None, 2 * (dim // 2)
+        else:
+            self.fourier = FourierFeatures(fourier_dim, frozen=features == "random", key=kf)
+            in_dim = fourier_dim + 1  # [t, sin, cos]
+        self.linear1 = eqx.nn.Linear(in_dim, 4 * dim, key=k1)
+        self.linear2 = eqx.nn.Linear(4 * dim, 4 * dim, key=k2)
+        self.dim = dim
+
+    def __call__(self, t: Timestep) -> Float[Array, " e"]:
+        emb = sinusoidal_embedding(t, self.dim) if self.fourier is None else self.fourier(t)
+        # tanh-approximate GELU (Hendrycks & Gimpel 2016), flax's default, as in the seed.
+        return self.linear2(jax.nn.gelu(self.linear1(emb), approximate=True))
+
+
+def standardise_weight(weight: Float[Array, "o i kh kw"], eps: float) -> Float[Array, "o i kh kw"]:
+    """Weight standardisation (Qiao et al. 2019, eq. 5): zero mean, unit variance per output channel."""
+    axes = tuple(range(1, weight.ndim))
+    mean = jnp.mean(weight, axis=axes, keepdims=True)
+    var = jnp.var(weight, axis=axes, keepdims=True)  # biased, as torch.var(unbiased=False)
+    return (weight - mean) * jax.lax.rsqrt(var + eps)
+
+
+class WSConv2d(eqx.Module):
+    """A convolution whose kernel is standardised on every call; pairs with GroupNorm (Qiao et al. 2019)."""
+
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, key: Key):
+        self.conv = eqx.nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, key=key)
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h w"]:
+        weight = standardise_weight(self.conv.weight, _eps(x))
+        return eqx.tree_at(lambda c: c.weight, self.conv, weight)(x)
+
+
+class Block(eqx.Module):
+    """WS-conv 3x3 -> GroupNorm (Wu & He 2018) -> optional scale/shift -> SiLU -> optional dropout."""
+
+    conv: WSConv2d
+    norm: eqx.nn.GroupNorm
+    dropout: eqx.nn.Dropout | None
+
+    def __init__(self, dim_in: int, dim_out: int, *, groups: int, dropout: float, key: Key):
+        self.conv = WSConv2d(dim_in, dim_out, 3, key=key)
+        self.norm = eqx.nn.GroupNorm(groups, dim_out)
+        self.dropout = eqx.nn.Dropout(dropout) if dropout > 0 else None
+
+    def __call__(
+        self,
+        x: Float[Array, "c h w"],
+        scale_shift: tuple[Float[Array, "o 1 1"], Float[Array, "o 1 1"]] | None = None,
+        *,
+        key: Key | None = None,
+        inference: bool = True,
+    ) -> Float[Array, "o h w"]:
+        x = self.norm(self.conv(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift  # "+1": a zero projection leaves the block unconditioned
+        x = jax.nn.silu(x)
+        if self.dropout is not None:
+            x = self.dropout(x, key=key, inference=inference)
+        return x
+
+
+class ResnetBlock(eqx.Module):
+    """Wide-ResNet block (Zagoruyko & Komodakis 2016) conditioned on the time embedding by scale and
+    shift after the first norm (FiLM, Perez et al. 2018); 1x1 residual conv when channels change."""
+
+    time_proj: eqx.nn.Linear
+    block1: Block
+    block2: Block
+    res_conv: eqx.nn.Conv2d | None
+
+    def __init__(
+        self, dim_in: int, dim_out: int, *, time_dim: int, groups: int, dropout: float = 0.0, key: Key
+    ):
+        kt, k1, k2, kr = jax.random.split(key, 4)
+        self.time_proj = eqx.nn.Linear(time_dim, 2 * dim_out, key=kt)
+        # Dropout sits between the two convolutions (lucidrains; Ho et al. 2020 App. B).
+        self.block1 = Block(dim_in, dim_out, groups=groups, dropout=dropout, key=k1)
+        self.block2 = Block(dim_out, dim_out, groups=groups, dropout=0.0, key=k2)
+        self.res_conv = eqx.nn.Conv2d(dim_in, dim_out, 1, key=kr) if dim_in != dim_out else None
+
+    def __call__(
+        self,
+        x: Float[Array, "c h w"],
+        t_emb: Float[Array, " e"],
+        *,
+        key: Key | None = None,
+        inference: bool = True,
+    ) -> Float[Array, "o h w"]:
+        scale, shift = jnp.split(self.time_proj(jax.nn.silu(t_emb))[:, None, None], 2)
+        h = self.block1(x, (scale, shift), key=key, inference=inference)
+        h = self.block2(h)
+        return h + (x if self.res_conv is None else self.res_conv(x))
+
+
+class ChannelLayerNorm(eqx.Module):
+    """LayerNorm over the channels of each pixel with a gain and no bias (Ba et al. 2016; lucidrains)."""
+
+    gain: Float[Array, "c 1 1"]
+
+    def __init__(self, channels: int):
+        self.gain = jnp.ones((channels, 1, 1))
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        mean = jnp.mean(x, axis=0, keepdims=True)
+        var = jnp.var(x, axis=0, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + _eps(x)) * self.gain
+
+
+class LinearAttention(eqx.Module):
+    """Linear attention (Shen et al. 2018, "efficient attention"; cf. Katharopoulos et al. 2020).
+
+    Softmax normalises q over its features and k over positions, so the (d x d) context ``k v^T`` is
+    built first and the cost is linear in the number of pixels. Output: 1x1 conv then LayerNorm.
+    """
+
+    to_qkv: eqx.nn.Conv2d
+    to_out: eqx.nn.Conv2d
+    norm: ChannelLayerNorm
+    heads: int = eqx.field(static=True)
+    dim_head: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, key: Key):
+        kq, ko = jax.random.split(key)
+        self.to_qkv = eqx.nn.Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
+        self.to_out = eqx.nn.Conv2d(heads * dim_head, dim, 1, key=ko)
+        self.norm = ChannelLayerNorm(dim)
+        self.heads, self.dim_head = heads, dim_head
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        _, h, w = x.shape
+        q, k, v = self.to_qkv(x).reshape(3, self.heads, self.dim_head, h * w)
+        q = jax.nn.softmax(q, axis=-2) * self.dim_head**-0.5
+        k = jax.nn.softmax(k, axis=-1)
+        v = v / (h * w)  # the seed's (and lucidrains 2022) rescaling; keeps the context O(1)
+        context = jnp.einsum("hdn,hen->hde", k, v)
+        out = jnp.einsum("hde,hdn->hen", context, q)
+        return self.norm(self.to_out(out.reshape(-1, h, w)))
+
+
+class Attention(eqx.Module):
+    """Full softmax self-attention over pixels (Vaswani et al. 2017) with l2-normalised queries and keys
+    and a fixed temperature of 10 (query-key normalisation, Henry et al. 2020), as in the seed."""
+
+    to_qkv: eqx.nn.Conv2d
+    to_out: eqx.nn.Conv2d
+    heads: int = eqx.field(static=True)
+    dim_head: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, key: Key, scale: float = 10.0):
+        kq, ko = jax.random.split(key)
+        self.to_qkv = eqx.nn.Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
+        self.to_out = eqx.nn.Conv2d(heads * dim_head, dim, 1, key=ko)
+        self.heads, self.dim_head, self.scale = heads, dim_head, scale
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        _, h, w = x.shape
+        q, k, v = self.to_qkv(x).reshape(3, self.heads, self.dim_head, h * w)
+        q, k = (u / jnp.maximum(jnp.linalg.norm(u, axis=1, keepdims=True), 1e-12) for u in (q, k))
+        attn = jax.nn.softmax(jnp.einsum("hdi,hdj->hij", q, k) * self.scale, axis=-1)
+        out = jnp.einsum("hij,hdj->hdi", attn, v)
+        return self.to_out(out.reshape(-1, h, w))
+
+
+class PreNormResidual(eqx.Module):
+    """``x + fn(LayerNorm(x))``: the pre-norm residual of Xiong et al. 2020 around an attention layer."""
+
+    norm: ChannelLayerNorm
+    fn: LinearAttention | Attention
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        return x + self.fn(self.norm(x))
+
+
+class Downsample(eqx.Module):
+    """Halve the resolution: a 4x4 stride-2 conv, or pixel-unshuffle (Shi et al. 2016) + a 1x1 conv,
+    which loses no information before the projection."""
+
+    conv: eqx.nn.Conv2d
+    pixel_unshuffle: bool = eqx.field(static=True)
+
+    def __init__(self, dim_in: int, dim_out: int, *, kind: Literal["conv", "pixel_unshuffle"], key: Key):
+        self.pixel_unshuffle = kind == "pixel_unshuffle"
+        if self.pixel_unshuffle:
+            self.conv = eqx.nn.Conv2d(4 * dim_in, dim_out, 1, key=key)
+        else:
+            self.conv = eqx.nn.Conv2d(dim_in, dim_out, 4, stride=2, padding=1, key=key)
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h2 w2"]:
+        if self.pixel_unshuffle:
+            c, h, w = x.shape
+            # c (h p1) (w p2) -> (c p1 p2) h w
+            x = x.reshape(c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3).reshape(4 * c, h // 2, w // 2)
+        return self.conv(x)
+
+
+class Upsample(eqx.Module):
+    """Double the resolution: nearest-neighbour then a 3x3 conv (Odena et al. 2016: no checkerboard;
+    also ~3x faster than a transposed conv on XLA:CPU)."""
+
+    conv: eqx.nn.Conv2d
+
+    def __init__(self, dim_in: int, dim_out: int, *, key: Key):
+        self.conv = eqx.nn.Conv2d(dim_in, dim_out, 3, padding=1, key=key)
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h2 w2"]:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))

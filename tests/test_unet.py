@@ -1,0 +1,260 @@
+"""U-Net tests: parity parameter count, shapes, closed-form layer properties, options, runtime shape checks.
+
+Models are tiny (dim 8) except the parity count, which uses an ``eqx.filter_eval_shape`` skeleton.
+Initialisation uses ``rbg`` keys: on XLA:CPU they compile several times faster than threefry.
+``UNet.__call__`` is ``@jaxtyped(typechecker=beartype)``, so shape checks are on here without a conftest.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+from ddpm_eqx.config import ModelConfig
+from ddpm_eqx.layers import (
+    Attention,
+    ChannelLayerNorm,
+    Downsample,
+    LinearAttention,
+    PreNormResidual,
+    TimeEmbedding,
+    WSConv2d,
+    standardise_weight,
+)
+from ddpm_eqx.unet import UNet, count_params, make_unet
+
+PARITY_PARAMS = 10_042_753  # the seed's (and lucidrains' 2022 Unet's) count for the config below
+
+
+def key(i: int) -> jax.Array:
+    return jax.random.key(i, impl="rbg")
+
+
+def small(**overrides) -> UNet:
+    kwargs = dict(dim=8, channels=1, image_size=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8, key=key(0))
+    return UNet(**(kwargs | overrides))
+
+
+@eqx.filter_jit
+def apply(model: UNet, x, t, **kwargs):
+    return model(x, t, **kwargs)
+
+
+def normal(shape, i: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(i), shape)
+
+
+# --- parity and construction ----------------------------------------------------------------------
+
+
+def test_parity_param_count():
+    model = eqx.filter_eval_shape(
+        lambda k: UNet(dim=64, channels=1, image_size=28, dim_mults=(1, 2, 4), resnet_block_groups=8, key=k),
+        jax.random.key(0),
+    )
+    assert count_params(model) == PARITY_PARAMS
+
+
+def test_count_params_skeleton_equals_real_model(plain):
+    real = plain
+    skeleton = eqx.filter_eval_shape(lambda k: small(key=k), key(0))
+    expected = sum(x.size for x in jax.tree.leaves(eqx.filter(real, eqx.is_inexact_array)))
+    assert count_params(real) == count_params(skeleton) == expected
+
+
+@pytest.mark.parametrize(
+    ("image_size", "dim_mults", "message"),
+    [
+        (30, (1, 2, 4), r"image_size 30 is not divisible by 4 \(2\*\*\(len\(dim_mults\)-1\)\); use 28 or 32"),
+        ((16, 20), (1, 2, 4, 8), r"image_size 20 is not divisible by 8 .*use 16 or 24"),
+        (2, (1, 2, 4), r"image_size 2 is not divisible by 4 .*use 4$"),
+    ],
+)
+def test_bad_image_size_names_working_sizes(image_size, dim_mults, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(dim=8, channels=1, image_size=image_size, dim_mults=dim_mults, key=key(0))
+
+
+def test_make_unet_maps_the_config():
+    cfg = ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8, downsample="pixel_unshuffle",
+                      learned_sinusoidal_cond=True, num_classes=3, out_dim=2)
+    model = eqx.filter_eval_shape(
+        lambda k: make_unet(cfg, channels=3, image_size=16, self_condition=True, key=k), key(0)
+    )
+    assert (model.num_classes, model.self_condition, model.out_dim, model.image_size) == (3, True, 2, (16, 16))
+    assert model.init_conv.in_channels == 6  # self-conditioning doubles the input
+    assert model.downs[0].down.pixel_unshuffle and model.time_embedding.fourier is not None
+    direct = eqx.filter_eval_shape(
+        lambda k: UNet(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                       channels=3, image_size=16, self_condition=True, key=k), key(0)
+    )
+    assert count_params(model) == count_params(direct)
+
+
+# --- shapes and variants --------------------------------------------------------------------------
+# Compiling is what costs here (~2-5 s a trace on XLA:CPU): shapes are checked by abstract evaluation,
+# and the option tests share one model and three traces of ``apply``.
+
+
+@pytest.fixture(scope="module")
+def plain() -> UNet:
+    return small(image_size=(8, 16))
+
+
+@pytest.fixture(scope="module")
+def featured() -> UNet:
+    """Every option at once: self-conditioning, 3 classes, dropout, pixel-unshuffle, learned features."""
+    return small(self_condition=True, num_classes=3, dropout=0.5, downsample="pixel_unshuffle",
+                 learned_sinusoidal_cond=True)
+
+
+def output_shape(options: dict, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Trace a model abstractly (no weights, no compile): shapes without the cost."""
+    model = eqx.filter_eval_shape(lambda k: UNet(**options, key=k), key(0))
+    out = jax.eval_shape(lambda m, x: m(x, jnp.array(10.0)), model, jax.ShapeDtypeStruct(x_shape, jnp.float32))
+    return out.shape
+
+
+@pytest.mark.parametrize(
+    ("options", "x_shape"),
+    [
+        (dict(dim=64, channels=1, image_size=28, dim_mults=(1, 2, 4)), (1, 28, 28)),  # the parity model
+        (dict(dim=8, channels=3, image_size=32, dim_mults=(1, 2, 4, 8)), (3, 32, 32)),
+        (dict(dim=8, channels=1, image_size=(16, 24), dim_mults=(1, 2)), (1, 16, 24)),
+        (dict(dim=8, channels=3, image_size=8, dim_mults=(1, 2), out_dim=6, init_dim=16), (3, 8, 8)),
+        (dict(dim=8, channels=1, image_size=8, random_fourier_features=True, downsample="pixel_unshuffle"),
+         (1, 8, 8)),
+    ],
+)
+def test_output_shape(options, x_shape):
+    out_channels = options.get("out_dim", options["channels"])
+    assert output_shape(options, x_shape) == (out_channels, *x_shape[1:])
+
+
+def test_non_square_vmap_matches_per_image_calls(plain):
+    xs, ts = normal((3, 1, 8, 16)), jnp.array([0, 5, 999])
+    batched = eqx.filter_jit(lambda m, xs, ts: jax.vmap(m)(xs, ts))(plain, xs, ts)
+    singles = jnp.stack([apply(plain, x, t) for x, t in zip(xs, ts)])
+    assert batched.shape == (3, 1, 8, 16) and jnp.all(jnp.isfinite(batched))
+    np.testing.assert_allclose(batched, singles, rtol=1e-5, atol=1e-5)
+
+
+def run(model: UNet, *, cond=None, label=None, key=None, inference=True) -> jax.Array:
+    return apply(model, normal((1, 8, 8)), jnp.array(7), x_self_cond=cond, label=label, key=key,
+                 inference=inference)
+
+
+def test_featured_defaults_are_zeros_and_null_class(featured):
+    defaults = run(featured)
+    assert defaults.shape == (1, 8, 8)
+    explicit = run(featured, cond=jnp.zeros((1, 8, 8)), label=jnp.array(3), key=key(5))
+    np.testing.assert_allclose(defaults, explicit, rtol=1e-6, atol=1e-6)
+
+
+def test_self_condition_and_label_change_the_output(featured):
+    base = run(featured, cond=jnp.zeros((1, 8, 8)), label=jnp.array(0), key=key(5))
+    assert not jnp.allclose(base, run(featured, cond=normal((1, 8, 8), 2), label=jnp.array(0), key=key(5)))
+    assert not jnp.allclose(base, run(featured, cond=jnp.zeros((1, 8, 8)), label=jnp.array(1), key=key(5)))
+
+
+def test_dropout_only_in_training(featured):
+    args = dict(cond=jnp.zeros((1, 8, 8)), label=jnp.array(0))
+    train1, train2 = (run(featured, **args, key=key(i), inference=False) for i in (1, 2))
+    assert not jnp.allclose(train1, train2)
+    np.testing.assert_array_equal(run(featured, **args, key=key(1)), run(featured, **args, key=key(2)))
+    with pytest.raises(ValueError, match="needs key"):
+        featured(normal((1, 8, 8)), jnp.array(7), inference=False)
+
+
+def test_label_needs_a_class_conditional_model(plain):
+    with pytest.raises(ValueError, match="without num_classes"):
+        plain(normal((1, 8, 16)), jnp.array(7), label=jnp.array(0))
+
+
+# --- runtime shape checks -------------------------------------------------------------------------
+# Each of these fails before any computation, so they run eagerly.
+
+
+def test_wrong_rank_input_raises(plain):
+    with pytest.raises(TypeCheckError):
+        plain(jnp.zeros((8, 8)), jnp.array(1))
+
+
+def test_mismatched_self_condition_shape_raises(featured):
+    with pytest.raises(TypeCheckError):
+        featured(jnp.zeros((1, 8, 8)), jnp.array(1), x_self_cond=jnp.zeros((1, 8, 4)))
+
+
+def test_wrong_channels_or_size_raises(plain):
+    with pytest.raises(ValueError, match="channels"):
+        plain(jnp.zeros((3, 8, 16)), jnp.array(1))
+    with pytest.raises(ValueError, match="use 6 or 8"):
+        plain(jnp.zeros((1, 7, 8)), jnp.array(1))
+
+
+# --- closed-form layer properties -----------------------------------------------------------------
+
+
+def test_weight_standardisation_zero_mean_unit_variance():
+    raw = 3.0 * normal((5, 4, 3, 3)) + jnp.arange(5.0)[:, None, None, None]
+    eps = 1e-5
+    w = standardise_weight(raw, eps)
+    raw_var = jnp.var(raw, axis=(1, 2, 3))
+    np.testing.assert_allclose(jnp.mean(w, axis=(1, 2, 3)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(jnp.var(w, axis=(1, 2, 3)), raw_var / (raw_var + eps), rtol=1e-5)
+
+
+def test_ws_conv_ignores_kernel_affine_rescaling():
+    conv = WSConv2d(4, 5, 3, key=key(0))
+    x = normal((4, 6, 6))
+    scaled = eqx.tree_at(lambda c: c.conv.weight, conv, 7.0 * conv.conv.weight + 0.3)
+    # Not exact: eps=1e-5 against a kernel variance of ~1e-2 leaves a ~0.05% difference.
+    np.testing.assert_allclose(conv(x), scaled(x), rtol=2e-3, atol=2e-3)
+
+
+def _permute_pixels(x: jax.Array, perm: jax.Array) -> jax.Array:
+    c, h, w = x.shape
+    return x.reshape(c, h * w)[:, perm].reshape(c, h, w)
+
+
+@pytest.mark.parametrize("cls", [LinearAttention, Attention])
+def test_attention_is_permutation_equivariant(cls):
+    # Attention sees a set of pixels: permuting them permutes the output the same way.
+    layer = PreNormResidual(ChannelLayerNorm(8), cls(8, heads=2, dim_head=4, key=key(0)))
+    x, perm = normal((8, 4, 6)), jax.random.permutation(jax.random.key(3), 24)
+    np.testing.assert_allclose(layer(_permute_pixels(x, perm)), _permute_pixels(layer(x), perm),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_full_attention_of_constant_image_is_value_projection():
+    # Identical pixels: every softmax row averages identical values, whatever the weights.
+    layer = Attention(8, heads=2, dim_head=4, key=key(0))
+    x = jnp.broadcast_to(normal((8, 1, 1)), (8, 3, 5))
+    v = layer.to_qkv(x)[16:]
+    np.testing.assert_allclose(layer(x), layer.to_out(v), rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_unshuffle_moves_each_pixel_to_a_channel():
+    down = Downsample(2, 8, kind="pixel_unshuffle", key=key(0))
+    down = eqx.tree_at(lambda d: (d.conv.weight, d.conv.bias), down,
+                       (jnp.eye(8)[:, :, None, None], jnp.zeros((8, 1, 1))))
+    x = normal((2, 4, 6))
+    out = down(x)
+    for c, p1, p2 in np.ndindex(2, 2, 2):
+        np.testing.assert_array_equal(out[4 * c + 2 * p1 + p2], x[c, p1::2, p2::2])
+
+
+def test_random_fourier_features_are_frozen_and_not_counted():
+    def weight_grad(features):
+        emb = TimeEmbedding(8, features=features, fourier_dim=16, key=key(0))
+        grads = eqx.filter_grad(lambda m: jnp.sum(m(jnp.array(3.0)) ** 2))(emb)
+        return grads.fourier.weights
+
+    assert jnp.all(weight_grad("random") == 0) and jnp.any(weight_grad("learned") != 0)
+    shapes = {opt: eqx.filter_eval_shape(lambda k: small(**{opt: True}, key=k), key(0))
+              for opt in ("random_fourier_features", "learned_sinusoidal_cond")}
+    assert count_params(shapes["learned_sinusoidal_cond"]) - count_params(shapes["random_fourier_features"]) == 8

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ddpm_eqx._types import Image, Images, Label
+from ddpm_eqx._types import Image, Images, Keys, Label
 from ddpm_eqx.config import Config
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.parallel import AXIS, P, batch_sharded
@@ -78,7 +78,7 @@ def make_train_step(
     traces = [0]
 
     def grads_on_shard(
-        params: PyTree, static: PyTree, images: Images, labels: Int[Array, " b"], keys: PRNGKeyArray,
+        params: PyTree, static: PyTree, images: Images, labels: Int[Array, " b"], keys: Keys,
         use_sc: Bool[Array, ""], process: GaussianDiffusion,
     ) -> tuple[Float[Array, ""], PyTree]:
         def mean_loss(p: PyTree) -> Float[Array, ""]:

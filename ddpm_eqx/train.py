@@ -133,6 +133,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
             _log_model(run, ckpt.directory, step)
     finally:
         stop.restore()
+        iterator.close()
         writer.close()
         ckpt.close()
         if run is not None:

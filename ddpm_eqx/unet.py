@@ -190,7 +190,8 @@ class UNet(eqx.Module):
         if self.self_condition:
             x_self_cond = jnp.zeros_like(x) if x_self_cond is None else x_self_cond
             x = jnp.concatenate([x_self_cond, x])
-        emb = self._embedding(t, label)
+        # The embedding starts from float32 timesteps: cast it so a bfloat16 network stays bfloat16.
+        emb = self._embedding(t, label).astype(x.dtype)
         n_blocks = 4 * len(self.dim_mults) + 3  # each ResNet block draws its own dropout key
         block_keys = iter([None] * n_blocks if key is None else jax.random.split(key, n_blocks))
 

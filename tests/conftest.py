@@ -1,0 +1,79 @@
+"""Test-wide setup: runtime shape checks, no writes outside temporary folders, and real data fixtures.
+
+pytest imports this file before any test module, so the import hook below is installed before the first
+``import ddpm_eqx``: every function and dataclass of the package is then checked by beartype against its
+jaxtyping annotations (shapes included) while the tests run.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jaxtyping
+import pytest
+
+# W&B and TFDS must write nothing to ~: point them at a throwaway folder before anything imports them.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="ddpm_eqx_tests_"))
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_SILENT"] = "true"
+for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+    os.environ[_var] = str(_SCRATCH / _var.lower())
+os.environ["TFDS_DATA_DIR"] = str(_SCRATCH / "tensorflow_datasets")  # tests pass their own data_dir anyway
+
+jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""``../shared/data`` beside the checkout (see its README): real archives for offline tests."""
+
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_file() -> Callable[..., Path]:
+    """``shared_file("mnist", "mnist_train.npz")``: a file of ``../shared/data``; skips the test, saying
+    where it looked, when the file is absent."""
+
+    def find(*parts: str) -> Path:
+        path = SHARED_DATA.joinpath(*parts)
+        if not path.exists():
+            pytest.skip(f"real test data not found: {path} (expected ../shared/data beside the checkout)")
+        return path
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TFDS data dir (a ``str``, ready for ``DataConfig(data_dir=...)``) holding the real fashion_mnist.
+
+    Prepared once per session from the official archives in ``../shared/data/fashion_mnist`` through TFDS's
+    manual dir (no network; about 13-30 s). Splits: train 60,000, test 10,000.
+    """
+    source = SHARED_DATA / "fashion_mnist"
+    missing = [name for name in FASHION_MNIST_FILES if not (source / name).is_file()]
+    if missing:
+        pytest.skip(f"Fashion-MNIST archives not found in {source}: {', '.join(missing)}")
+    from ddpm_eqx.config import DataConfig
+    from ddpm_eqx.data import prepare_dataset
+
+    data_dir = tmp_path_factory.mktemp("tfds_fashion_mnist")
+    manual = data_dir / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in FASHION_MNIST_FILES:
+        try:
+            (manual / name).symlink_to(source / name)
+        except OSError:  # no symlinks (some Windows/CI file systems): copy, 30 MB
+            shutil.copy(source / name, manual / name)
+    prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(data_dir)), download=False)
+    return str(data_dir)

@@ -1,0 +1,282 @@
+"""Data pipeline: preparation, determinism and resume, image fitting, imports, errors."""
+
+import dataclasses
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import jaxtyping
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ddpm_eqx.config import DataConfig
+from ddpm_eqx.data import DataError, fit_image, load_split_array, make_train_iterator, prepare_dataset
+
+N_SMALL = 64  # examples of the small synthetic dataset; 4 batches of 16 per epoch
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(npz path, data dir): example i is a 4x4 grey image of value 2i whose first column is 255.
+
+    Its value names it whatever the flip; a flip moves the 255 column to the right.
+    """
+    root = tmp_path_factory.mktemp("small")
+    images = np.repeat(2 * np.arange(N_SMALL, dtype=np.uint8), 16).reshape(N_SMALL, 4, 4, 1)
+    images[:, :, 0] = 255
+    np.savez(root / "small.npz", image=images, label=np.arange(N_SMALL) % 4)
+    return str(root / "small.npz"), str(root / "tfds")
+
+
+def small_cfg(small_npz: tuple[str, str], **kw: object) -> DataConfig:
+    path, data_dir = small_npz
+    return DataConfig(**{"dataset": path, "data_dir": data_dir, "batch_size": 16, "image_size": 4, **kw})  # type: ignore[arg-type]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.rint((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def ids_and_flips(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    x = to_uint8(batch["image"][:, 0])  # [b, h, w]
+    return x[:, 0, 1] // 2, x[:, 0, -1] == 255
+
+
+def take(it: grain.DatasetIterator, n: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(n)]
+
+
+_open_iterators: list[grain.DatasetIterator] = []
+
+
+def iterator(cfg: DataConfig, **kw: Any) -> grain.DatasetIterator:
+    """``make_train_iterator``, closed after the test (prefetch threads and workers stop at once)."""
+    _open_iterators.append(make_train_iterator(cfg, **kw))
+    return _open_iterators[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_iterators() -> Iterator[None]:
+    yield
+    while _open_iterators:
+        _open_iterators.pop().close()
+
+
+# --- the real fashion_mnist ----------------------------------------------------------------------
+
+
+def test_fashion_mnist_offline(fashion_mnist_data_dir: str) -> None:
+    cfg = DataConfig(dataset="fashion_mnist", data_dir=fashion_mnist_data_dir)
+    info = prepare_dataset(cfg, download=False)
+    assert info.splits == {"train": 60_000, "test": 10_000}
+    assert (info.image_shape, info.num_classes, info.label_key) == ((28, 28, 1), 10, "label")
+    labels = tfds.data_source(
+        "fashion_mnist", split="train", data_dir=fashion_mnist_data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    counts = np.bincount([r["label"] for r in labels.__getitems__(list(range(60_000)))])
+    assert counts.tolist() == [6000] * 10
+    images, _ = load_split_array(cfg, "train", max_examples=6000)
+    assert images.shape == (6000, 28, 28, 1) and images.dtype == np.uint8
+    assert abs(images.mean() / 255 - 72.94 / 255) < 0.01
+
+    batch = next(iterator(dataclasses.replace(cfg, batch_size=32, cache=False), seed=0))
+    assert batch["image"].shape == (32, 1, 28, 28) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
+
+
+# --- determinism and resume ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_epochs_seeds_and_resume(small_npz: tuple[str, str], cache: bool) -> None:
+    cfg = small_cfg(small_npz, cache=cache)
+    batches = take(iterator(cfg, seed=1), 8)
+    epoch1, epoch2 = (np.concatenate([ids_and_flips(b)[0] for b in batches[i : i + 4]]) for i in (0, 4))
+    assert sorted(epoch1) == sorted(epoch2) == list(range(N_SMALL))  # each epoch sees every example once
+    assert not np.array_equal(epoch1, epoch2)  # ... in a new order
+    assert all(np.array_equal(b["label"], ids_and_flips(b)[0] % 4) for b in batches)
+
+    again = take(iterator(cfg, seed=1), 8)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, again))
+    other = np.concatenate([ids_and_flips(b)[0] for b in take(iterator(cfg, seed=2), 4)])
+    assert not np.array_equal(other, epoch1)
+
+    other_mode = take(iterator(dataclasses.replace(cfg, cache=not cache), seed=1), 8)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, other_mode))  # cache: same data
+
+    it = iterator(cfg, seed=1)
+    take(it, 3)
+    state = json.dumps(it.get_state())  # a checkpoint stores it as JSON
+    expected = take(it, 5)
+    resumed = iterator(cfg, seed=1)
+    resumed.set_state(json.loads(state))
+    for a, b in zip(expected, take(resumed, 5)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_resume_with_worker_process(small_npz: tuple[str, str]) -> None:
+    cfg = small_cfg(small_npz, num_workers=1)
+    it = iterator(cfg, seed=3)
+    take(it, 2)
+    state = json.dumps(it.get_state())
+    expected = take(it, 3)
+    resumed = iterator(cfg, seed=3)
+    resumed.set_state(json.loads(state))
+    got = take(resumed, 3)
+    reference = take(iterator(small_cfg(small_npz), seed=3), 5)[2:]  # no workers: same batches
+    for a, b, c in zip(expected, got, reference):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["image"], c["image"])
+
+
+def test_process_shards(small_npz: tuple[str, str]) -> None:
+    cfg = small_cfg(small_npz)
+    seen = []
+    for index in (0, 1):
+        batches = take(iterator(cfg, seed=0, process_index=index, process_count=2), 4)
+        assert batches[0]["image"].shape == (8, 1, 4, 4)  # the global batch is split over processes
+        seen.append(set(np.concatenate([ids_and_flips(b)[0] for b in batches]).tolist()))
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(N_SMALL))
+    with pytest.raises(DataError, match="divisible"):
+        make_train_iterator(dataclasses.replace(cfg, batch_size=15), seed=0, process_index=0, process_count=2)
+
+
+# --- fitting images ------------------------------------------------------------------------------
+
+
+def test_centre_crop_and_channels() -> None:
+    image = np.arange(24, dtype=np.uint8).reshape(4, 6, 1)
+    np.testing.assert_array_equal(fit_image(image, image_size=4, channels=1), image[:, 1:5])
+    rgb = fit_image(image, image_size=4, channels=3)
+    assert rgb.shape == (4, 4, 3) and all(np.array_equal(rgb[..., c], image[:, 1:5, 0]) for c in range(3))
+    colours = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 200, 30]]], np.uint8)
+    grey = fit_image(colours, image_size=2, channels=1)[..., 0]
+    np.testing.assert_allclose(grey, colours @ np.array([0.299, 0.587, 0.114]), atol=0.5)  # ITU-R 601 luma
+    assert fit_image(np.zeros((5, 3), np.uint8), image_size=3, channels=1).shape == (3, 3, 1)
+
+
+def test_shape_checks_are_on() -> None:
+    with pytest.raises(jaxtyping.TypeCheckError):  # conftest's import hook: float images are refused
+        fit_image(np.zeros((4, 4, 3), np.float32), image_size=4, channels=3)
+
+
+def test_resize_is_antialiased() -> None:
+    checker = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None]
+    small = fit_image(checker, image_size=16, channels=1)
+    assert small.shape == (16, 16, 1) and np.abs(small.astype(int) - 127).max() <= 16  # no aliasing
+    flat = np.full((40, 30, 3), 77, np.uint8)
+    assert (fit_image(flat, image_size=8, channels=3) == 77).all()
+    assert (fit_image(flat, image_size=64, channels=3) == 77).all()
+
+
+def test_random_flip(small_npz: tuple[str, str]) -> None:
+    batches = take(iterator(small_cfg(small_npz, batch_size=64), seed=5), 8)
+    flips = np.concatenate([ids_and_flips(b)[1] for b in batches])
+    assert 0.4 < flips.mean() < 0.6 and 0 < flips[:64].sum() < 64  # per example, about half
+    x = to_uint8(batches[0]["image"][:, 0])
+    _, flipped = ids_and_flips(batches[0])
+    assert (x[flipped][:, :, -1] == 255).all() and (x[~flipped][:, :, 0] == 255).all()  # columns reversed
+    # the same example is flipped differently in different epochs
+    firsts = [dict(zip(*ids_and_flips(b))) for b in batches[:2]]
+    assert any(firsts[0][k] != firsts[1][k] for k in firsts[0])
+    unflipped = take(iterator(small_cfg(small_npz, random_flip=False), seed=5), 4)
+    assert not any(ids_and_flips(b)[1].any() for b in unflipped)
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls, value in (("cats", 40), ("dogs", 200)):
+        (folder / cls / "sub").mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(value, 3, (10, 14, 3)), 0, 255).astype(np.uint8)
+            name = folder / cls / ("sub" if i % 3 == 0 else "") / f"{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(name)
+    (folder / "cats" / "broken.png").write_bytes(b"not an image at all")
+    listing = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8, channels=3)
+
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        info = prepare_dataset(cfg)
+    assert info.splits == {"train": 24} and info.num_classes == 2
+    images, labels = load_split_array(cfg, "train")
+    assert images.shape == (24, 8, 8, 3) and np.bincount(labels).tolist() == [12, 12]
+    assert abs(images[labels == 0].mean() - 40) < 5 and abs(images[labels == 1].mean() - 200) < 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # imported once: no second conversion, no second warning
+        batch = next(iterator(dataclasses.replace(cfg, batch_size=8), seed=0))
+    assert batch["image"].shape == (8, 3, 8, 8)
+    assert sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*")) == listing  # the folder is untouched
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        prepare_dataset(dataclasses.replace(cfg, dataset=str(tmp_path / "empty")))
+
+
+def test_npz_rgb_cifar(tmp_path: Path, shared_file: Callable[..., Path]) -> None:
+    path = shared_file("cifar10_jpeg", "cifar10_jpeg_test.npz")
+    with np.load(path) as npz:
+        expected, expected_labels = npz["image"], npz["label"]
+    cfg = DataConfig(dataset=str(path), data_dir=str(tmp_path), image_size=32, channels=3, batch_size=50)
+    info = prepare_dataset(cfg)
+    assert info.splits == {"train": 10_000} and info.num_classes == 10 and info.image_shape == (32, 32, 3)
+    images, labels = load_split_array(cfg, "train")
+    np.testing.assert_array_equal(images, expected)  # stored losslessly, no resize at the same size
+    np.testing.assert_array_equal(labels, expected_labels)
+    batch = next(iterator(cfg, seed=0))
+    assert batch["image"].shape == (50, 3, 32, 32) and batch["image"].min() >= -1 and batch["image"].max() <= 1
+    grey, _ = load_split_array(dataclasses.replace(cfg, channels=1, image_size=16), "train", max_examples=300)
+    subset = np.sort(np.random.default_rng(0).choice(10_000, 300, replace=False))  # the documented subset
+    luma = np.rint(expected[subset] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    assert grey.shape == (300, 16, 16, 1)
+    np.testing.assert_array_equal(grey, np.stack([fit_image(y, image_size=16, channels=1) for y in luma]))
+
+
+def test_npz_folder_splits_and_no_labels(tmp_path: Path) -> None:
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.savez(folder / "digits_train.npz", image=np.zeros((20, 6, 6), np.uint8))
+    np.savez(folder / "digits_test.npz", image=np.full((10, 6, 6), 255, np.uint8))
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=6, batch_size=5)
+    assert prepare_dataset(cfg).splits == {"train": 20, "test": 10}
+    images, labels = load_split_array(cfg, "test")
+    assert (images == 255).all() and (labels == 0).all()  # no label array: label 0
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_split_array(cfg, "validation")
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(DataError, match="no 'image' array"):
+        prepare_dataset(dataclasses.replace(cfg, dataset=str(tmp_path / "bad.npz")))
+
+
+# --- errors, fast and offline --------------------------------------------------------------------
+
+
+def test_unknown_dataset_fails_fast(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"unknown dataset 'fashion_mnst' \(did you mean fashion_mnist.*list_builders"):
+        prepare_dataset(DataConfig(dataset="fashion_mnst", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="no such file or folder"):
+        make_train_iterator(DataConfig(dataset=str(tmp_path / "nowhere"), data_dir=str(tmp_path)), seed=0)
+    with pytest.raises(DataError, match="no uint8 image feature"):
+        prepare_dataset(DataConfig(dataset="imdb_reviews", data_dir=str(tmp_path)))
+    assert time.monotonic() - start < 10
+
+
+def test_missing_archives_named(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path)), download=False)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "downloads" / "manual") in message
+    assert all(name in message for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    assert time.monotonic() - start < 10

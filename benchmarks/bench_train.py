@@ -1,0 +1,128 @@
+"""Train-step and sampler performance for a config and batch, measured in one process.
+
+    python benchmarks/bench_train.py [--config configs/fashion_mnist.py] [--batch 32] [--host-devices N]
+        [--steps 20] [--sample-batch 64] [--sample-steps 10] [--set key=value ...] [--json]
+
+Prints: parameters, compile time of the train step, steps/s (median over --steps), images/s, the
+model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the float32 matmul peak
+measured in the same run (a 2048x2048 jnp.dot), their ratio, the sampler's compile time and
+per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every sampler step is one network
+call on the batch), and peak RSS. The defaults are the seed's fashion_mnist architecture at batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpm_eqx.parallel import set_host_device_count  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/fashion_mnist.py")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--host-devices", type=int, default=None, help="XLA CPU devices (default: cores)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (one lax.scan)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    set_host_device_count(args.host_devices)
+
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    from ddpm_eqx.config import apply_overrides, load_config_file
+    from ddpm_eqx.generate import ShardedSampler
+    from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
+    from ddpm_eqx.step import make_train_step
+    from ddpm_eqx.train import build_state
+    from ddpm_eqx.unet import count_params
+
+    cfg = apply_overrides(load_config_file(args.config), [f"data.batch_size={args.batch}", *args.overrides])
+    mesh = make_mesh()
+    out: dict[str, float | int | str] = {"config": args.config, "batch": args.batch, "devices": mesh.devices.size,
+                                         "backend": jax.default_backend()}
+    t = time.perf_counter()
+    state, process, optimizer = build_state(cfg)
+    out["init_s"] = time.perf_counter() - t
+    out["params"] = count_params(state.model)
+    state, process = replicate(state, mesh), replicate(process, mesh)
+    step = make_train_step(cfg, process, optimizer, mesh)
+    c, s = cfg.data.channels, cfg.data.image_size
+    rng = np.random.default_rng(0)
+    batch = shard_batch((rng.uniform(-1, 1, (args.batch, c, s, s)).astype(np.float32),
+                         np.zeros((args.batch,), np.int32)), mesh)
+
+    t = time.perf_counter()
+    compiled = eqx.filter_jit(step._fn).lower(state, *batch).compile()  # type: ignore[attr-defined]
+    out["compile_s"] = time.perf_counter() - t
+    cost = compiled.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # Under shard_map the analysis covers one device's program: scale to the whole batch.
+    out["gflop_per_step"] = flops * mesh.devices.size / 1e9
+
+    state, metrics = compiled(state, *batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, *batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    out["step_s"] = median
+    out["steps_per_s"] = 1 / median
+    out["images_per_s"] = args.batch / median
+    out["achieved_gflops"] = out["gflop_per_step"] / median  # type: ignore[operator]
+    out["matmul_peak_gflops"] = matmul_peak_gflops()
+    out["fraction_of_peak"] = out["achieved_gflops"] / out["matmul_peak_gflops"]  # type: ignore[operator]
+
+    shape = (c, s, s)
+    sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler="ddim", steps=args.sample_steps)
+    keys = jax.random.split(jax.random.key(0), args.sample_batch)
+    t = time.perf_counter()
+    sampler(state.ema_model, keys)
+    out["sampler_compile_and_first_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sampler(state.ema_model, keys)
+    per_step = (time.perf_counter() - t) / args.sample_steps
+    out["sampler_step_s"] = per_step
+    out["ddpm1000_images_per_s"] = args.sample_batch / (1000 * per_step)
+    out["ddim50_images_per_s"] = args.sample_batch / (50 * per_step)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -120,13 +120,19 @@ def train(
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx.config import ConfigError
     from ddpm_eqx.data_import import DataError
-    from ddpm_eqx.train import NonFiniteLossError, train as run_train, warn_if_undersized_machine
+    from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
 
     try:
         cfg = resolve_config(dataset, config, set_ or [])
     except ConfigError as e:
         fail(str(e), 2)
     workdir = workdir or Path("runs") / Path(cfg.data.dataset).name
+    try:  # everything that can be checked before a workdir is touched
+        validate_setup(cfg)
+    except ConfigError as e:
+        fail(str(e), 2)
+    except DataError as e:
+        fail(str(e).splitlines()[0], 1)
     _prepare_workdir(workdir, cfg, force)
     warn_if_undersized_machine(cfg)
     try:
@@ -169,6 +175,46 @@ def sample(
         fail(str(e).splitlines()[0], 1)
     for path in written:
         typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Annotated[Path, typer.Option(help="A run folder (or its checkpoints/ folder)")],
+    num: Annotated[int, typer.Option(min=2, help="Images to sample and score")] = 10_000,
+    step: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = 100,
+    eta: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: int = 0,
+    metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
+    fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
+    host_devices: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
+    _init_runtime(host_devices, None, None, None)
+    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.data_import import DataError
+    from ddpm_eqx.generate_cli import SampleRequest, draw_images
+
+    if metric not in ("classifier", "inception", "all"):
+        fail(f"--metric {metric!r}: use classifier, inception or all", 2)
+    if sampler not in ("ddpm", "ddim"):
+        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
+    request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
+                            steps=steps if sampler == "ddim" else None, eta=eta, seed=seed)
+    try:
+        from ddpm_eqx.evaluate import evaluate_images
+
+        cfg, images, used_step = draw_images(request)
+        results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        fail(str(e).splitlines()[0], 1)
+    results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps, **results}
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2))
+    typer.echo(json.dumps(results, indent=2))
 
 
 @data_app.command("prepare")

@@ -11,9 +11,12 @@ Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_arra
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import equinox as eqx
 import jax
@@ -48,16 +51,42 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+        """Start an (asynchronous) save; a failure of this or the previous save is a ``CheckpointError``."""
         arrays = eqx.filter(state, eqx.is_array)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, force=True)
+        with self._clear_errors(step):
+            self.manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._clear_errors(None):
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _clear_errors(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # e.g. ENOSPC; Orbax leaves the partial write in a tmp dir it never lists
+            good = [s for s in self.all_steps() if s != step]
+            kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write a checkpoint{'' if step is None else f' at step {step}'} in "
+                                  f"{self.directory}: {e.strerror or e}; free space there and resume ({kept})") from None
+
+    def quarantine_after(self, step: int) -> list[Path]:
+        """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""
+        moved = []
+        for bad in [s for s in self.all_steps() if s > step]:
+            target = self.directory.parent / "checkpoints_unreadable" / f"{bad}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(bad)), target)
+            log.warning("moved unreadable checkpoint %s/%d to %s", self.directory, bad, target)
+            moved.append(target)
+        if moved:
+            self.manager.reload()
+        return moved
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -71,9 +72,27 @@ def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Mod
     return cfg, state.ema_model, restored_step
 
 
-def run_sample(req: SampleRequest) -> list[Path]:
+def draw_images(req: SampleRequest) -> tuple[Config, np.ndarray, int]:
+    """The run's config, ``req.num`` images (model layout, [-1, 1]) and the checkpoint step used."""
     setup_logging()
     cfg, model, step = load_ema_model(req.ckpt, req.step)
+    images, _ = _draw(req, cfg, model)
+    return cfg, images, step
+
+
+class _Setup(NamedTuple):
+    """What drawing the images built, reused for a trajectory of the same images."""
+
+    process: Any
+    model: Any
+    shape: tuple[int, int, int]
+    mesh: Any
+    kwargs: dict[str, Any]
+    keys: jax.Array
+    labels: jax.Array | None
+
+
+def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarray, _Setup]:
     num_classes = cfg.model.num_classes
     if req.label is not None and num_classes is None:
         raise ValueError(f"--label {req.label}: this model is not class-conditional; drop --label")
@@ -99,7 +118,14 @@ def run_sample(req: SampleRequest) -> list[Path]:
     for lo in tqdm(range(0, req.num, req.batch_size), desc="sampling", unit="batch", disable=None):
         hi = min(lo + req.batch_size, req.num)
         chunks.append(draw(model, keys[lo:hi], None if labels is None else labels[lo:hi]))
-    images = np.concatenate(chunks)  # type: ignore[arg-type]
+    return np.concatenate(chunks), _Setup(process, model, shape, mesh, kwargs, keys, labels)  # type: ignore[arg-type]
+
+
+def run_sample(req: SampleRequest) -> list[Path]:
+    setup_logging()
+    cfg, model, step = load_ema_model(req.ckpt, req.step)
+    images, setup = _draw(req, cfg, model)
+    labels = setup.labels
     run = req.ckpt if req.ckpt.name != "checkpoints" else req.ckpt.parent
     out = req.out or run / "samples" / f"sample_{step}_{req.sampler}{req.steps or ''}_seed{req.seed}.png"
     written = [save_grid(images, out)]
@@ -108,9 +134,10 @@ def run_sample(req: SampleRequest) -> list[Path]:
         np.savez_compressed(req.npz, image=to_uint8(images), label=np.asarray(labels) if labels is not None else -1)
         written.append(req.npz)
     if req.trajectory is not None:
-        tracer = ShardedSampler(process, model, shape, mesh, return_path=True, **kwargs)  # type: ignore[arg-type]
+        tracer = ShardedSampler(setup.process, setup.model, setup.shape, setup.mesh, return_path=True,
+                                **setup.kwargs)
         n = min(8, req.num)
-        _, path = tracer(model, keys[:n], None if labels is None else labels[:n])
+        _, path = tracer(setup.model, setup.keys[:n], None if labels is None else labels[:n])
         written.append(save_trajectory(path, req.trajectory))
     log.info("sampled %d images from step %d", req.num, step)
     return written

@@ -79,6 +79,13 @@ class MetricsWriter:
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
         return record
 
+    def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+        if self.run is not None:
+            self.run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

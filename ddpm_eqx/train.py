@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx.checkpoint import Checkpointer
-from ddpm_eqx.config import Config, to_dict
-from ddpm_eqx.data import make_train_iterator
+from ddpm_eqx.config import Config, ConfigError, to_dict
+from ddpm_eqx.data import make_train_iterator, prepare_dataset
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
@@ -100,7 +100,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size)
-    step, pending = start, None
+    step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est = 0.0
     try:
@@ -124,6 +124,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 _save(ckpt, step, state, iterator, cfg)
                 if cfg.training.num_sample:
                     _sample_grid(cfg, sampler, state, step, workdir, run)
+            if cfg.training.eval_every and step % cfg.training.eval_every == 0:
+                evaluator = evaluator or _Evaluator(cfg)
+                writer.write_eval(step, evaluator(sampler, state))
         _check_loss(pending, ckpt)
         if stop.signal is not None and step not in ckpt.all_steps():
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
@@ -153,6 +156,7 @@ def _restore(cfg: Config, ckpt: Checkpointer, state: TrainState, iterator: Any,
     if found is None:
         return state
     step, state, data_state, _ = found
+    ckpt.quarantine_after(step)
     if data_state:
         iterator.set_state(data_state)
     log.info("resumed from %s at step %d", source, step)
@@ -203,6 +207,25 @@ def _sample_grid(cfg: Config, sampler: ShardedSampler, state: TrainState, step: 
         run.log({"samples": wandb.Image(str(path))}, step=step)
 
 
+class _Evaluator:
+    """``training.eval_every``: fd_classifier/kid_classifier of ``training.eval_num`` EMA samples."""
+
+    def __init__(self, cfg: Config):
+        from ddpm_eqx.evaluate import ClassifierMetric
+
+        self.cfg, self.metric = cfg, ClassifierMetric(cfg)
+
+    def __call__(self, sampler: ShardedSampler, state: TrainState) -> dict[str, float]:
+        cfg, n = self.cfg, self.cfg.training.eval_num
+        keys = jax.random.split(jax.random.key(cfg.seed + 2), n)
+        labels = None
+        if cfg.model.num_classes is not None:
+            labels = jnp.arange(n, dtype=jnp.int32) % cfg.model.num_classes
+        images = sampler(state.ema_model, keys, labels)
+        assert isinstance(images, np.ndarray)
+        return self.metric(images)
+
+
 def _log_model(run: Any, directory: Path, step: int) -> None:
     import wandb
 
@@ -221,6 +244,22 @@ def _wandb_id(workdir: Path) -> str | None:
     new = uuid.uuid4().hex[:8]
     path.write_text(new)
     return new
+
+
+def validate_setup(cfg: Config) -> None:
+    """Fail fast, before anything is written: model shape, device split, dataset and its image shape.
+
+    Raises ``ConfigError`` (or the data module's ``DataError``) with a one-line message.
+    """
+    try:
+        eqx.filter_eval_shape(build_model, cfg)  # constructs nothing, checks the sizes
+        check_divisible(cfg.data.batch_size, make_mesh())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info = prepare_dataset(cfg.data)
+    if cfg.model.num_classes is not None and info.num_classes is not None and cfg.model.num_classes != info.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
+                          f"{info.num_classes} classes; set model.num_classes={info.num_classes}")
 
 
 def undersized_machine(cfg: Config) -> bool:

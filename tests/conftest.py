@@ -77,3 +77,17 @@ def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
             shutil.copy(source / name, manual / name)
     prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(data_dir)), download=False)
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_run(fashion_mnist_data_dir: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """An uninterrupted 8-step tiny run through the CLI (checkpoints at 2, 4, 6, 8): ``(workdir, result)``.
+
+    The reference for the resume tests; copy it before changing anything in it.
+    """
+    from _cli import _train
+
+    tmp = tmp_path_factory.mktemp("ref")
+    workdir = tmp / "run"
+    result = _train(fashion_mnist_data_dir, workdir, 8, tmp)
+    return workdir, result

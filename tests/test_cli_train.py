@@ -12,57 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
-        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=50",
-        "sampling.sampler=ddim", "sampling.steps=5", "training.num_sample=4", "training.log_every_steps=2",
-        "training.save_and_sample_every=2", "training.max_to_keep=10"]
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), *args]
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # Identical programs compile once across the test's processes.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    return env
-
-
-def _train_args(data_dir: Path, workdir: Path, steps: int, *extra: str) -> list[str]:
-    sets = [*TINY, f"data.data_dir={data_dir}", f"training.num_train_steps={steps}", *extra]
-    return _cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir), "--host-devices", "2",
-                *[a for s in sets for a in ("--set", s)])
-
-
-def _train(data_dir, workdir, steps, tmp_path, *extra, check=True):
-    return subprocess.run(_train_args(data_dir, workdir, steps, *extra), env=_env(tmp_path), capture_output=True,
-                          text=True, check=check, timeout=600)
-
-
-def _final_params(workdir: Path, step: int) -> list[np.ndarray]:
-    import equinox as eqx
-    import jax
-    from ddpm_eqx.checkpoint import Checkpointer
-    from ddpm_eqx.config import from_json
-    from ddpm_eqx.train import build_state
-
-    cfg = from_json((workdir / "config.json").read_text())
-    skeleton = eqx.filter_eval_shape(lambda: build_state(cfg)[0])
-    found = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(skeleton, step=step)
-    assert found is not None
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(found[1], eqx.is_array))]
-
-
-@pytest.fixture(scope="module")
-def reference_run(fashion_mnist_data_dir, tmp_path_factory):
-    """An uninterrupted 8-step run: the reference for resume tests."""
-    tmp = tmp_path_factory.mktemp("ref")
-    workdir = tmp / "run"
-    result = _train(fashion_mnist_data_dir, workdir, 8, tmp)
-    return workdir, result
+from _cli import ROOT, _cmd, _env, _final_params, _train, _train_args  # noqa: F401
 
 
 @pytest.mark.slow

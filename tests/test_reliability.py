@@ -1,0 +1,129 @@
+"""Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _cli import _cmd, _env, _final_params, _train, _train_args
+
+
+def _run(args, tmp_path, timeout=300):  # noqa: ANN001, ANN202
+    return subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(result, code, *fragments):  # noqa: ANN001, ANN202
+    assert result.returncode == code, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,code,fragments",
+    [
+        (["data.image_size=29"], 2, ["image_size 29 is not divisible by 2", "use 28 or 30"]),
+        (["data.batch_size=7"], 2, ["global batch 7 does not divide by the 2 devices"]),
+        (["data.channels=2"], 2, ["data.channels must be 1 or 3"]),
+        (["model.num_classes=7"], 2, ["fashion_mnist has 10 classes"]),
+        (["data.dataset=no_such_dataset_xyz"], 1, ["no_such_dataset_xyz"]),
+    ],
+)
+def test_bad_setup_fails_before_writing_anything(fashion_mnist_data_dir, tmp_path, extra, code, fragments):
+    workdir = tmp_path / "never"
+    result = _run(_train_args(fashion_mnist_data_dir, workdir, 4, *extra), tmp_path)
+    _one_line_error(result, code, *fragments)
+    assert not workdir.exists()
+
+
+def test_unwritable_workdir(fashion_mnist_data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = _run(_train_args(fashion_mnist_data_dir, blocker / "run", 4), tmp_path)
+    _one_line_error(result, 1, "cannot write to workdir", "--workdir")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.slow
+def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fashion_mnist_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    before = (workdir / "config.json").read_text()
+    result = _run(_train_args(fashion_mnist_data_dir, workdir, 8, "optim.lr=5e-4"), tmp_path)
+    _one_line_error(result, 2, "holds a run with a different config", "optim.lr: 0.001 -> 0.0005", "--force")
+    assert (workdir / "config.json").read_text() == before
+    # More steps for the same run is not a different run: it resumes.
+    more = _run(_train_args(fashion_mnist_data_dir, workdir, 10), tmp_path)
+    assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_run, fashion_mnist_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    # Truncate every data file of the newest checkpoint's state.
+    state_dir = workdir / "checkpoints" / "8" / "state"
+    files = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    sample = _run(_cmd("sample", "--ckpt", str(workdir), "--num", "2", "--sampler", "ddim", "--steps", "3",
+                       "--out", str(tmp_path / "s.png")), tmp_path)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert "checkpoint" in sample.stderr and "/8 is unreadable" in sample.stderr
+    assert "sampled 2 images from step 6" in sample.stderr
+    assert state_dir.exists()  # sample only reads
+    resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path)
+    assert "/8 is unreadable" in resumed.stderr and "resumed from" in resumed.stderr
+    moved = list((workdir / "checkpoints_unreadable").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("8-")  # kept, not deleted
+    # Redoing steps 7-8 from step 6 gives the uninterrupted run's parameters exactly.
+    for a, b in zip(_final_params(reference_run[0], 8), _final_params(workdir, 8), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fashion_mnist_data_dir, tmp_path):
+    workdir = tmp_path / "nan"
+    result = _run(_train_args(fashion_mnist_data_dir, workdir, 200, "optim.lr=1e30", "training.loss_type=l2",
+                              "training.save_and_sample_every=1", "training.num_sample=0"), tmp_path)
+    _one_line_error(result, 1, "at step", "the last good checkpoint is step", "Lower optim.lr")
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")][0]
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == bad_step - 1  # every step before the bad one was saved, not the bad one
+    params = _final_params(workdir, steps[-1])
+    assert all(np.isfinite(x).all() for x in params if np.issubdtype(x.dtype, np.floating))
+
+
+def test_sample_rejects_a_checkpoint_of_another_model(reference_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    config = (workdir / "config.json").read_text().replace('"dim": 8', '"dim": 16')
+    (workdir / "config.json").write_text(config)
+    result = _run(_cmd("sample", "--ckpt", str(workdir), "--num", "2"), tmp_path)
+    _one_line_error(result, 1, "does not match its config.json")
+
+
+def test_sample_label_for_unconditional_model(reference_run, tmp_path):
+    result = _run(_cmd("sample", "--ckpt", str(reference_run[0]), "--num", "2", "--label", "3"), tmp_path)
+    _one_line_error(result, 1, "not class-conditional")
+
+
+def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    from ddpm_eqx.config import Config, WandbConfig
+    from ddpm_eqx.logging_utils import start_wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = start_wandb(WandbConfig(mode="online"), Config(), tmp_path)
+    try:
+        assert run is not None and run.settings.mode == "offline"
+        assert any("no W&B login" in r.message for r in caplog.records)
+    finally:
+        run.finish()

@@ -1,0 +1,154 @@
+"""Offline classifier metric on real Fashion-MNIST: accuracy, caching, and fd/kid_classifier behaviour."""
+
+import gzip
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from ddpm_eqx import classifier as clf
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+NOISE_LEVELS = (0.1, 0.3, 0.6, 1.0)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """IDX format: 2 zero bytes, dtype code 0x08 (uint8), ndim, big-endian uint32 dims, then the data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:3] == b"\x00\x00\x08", f"{path} is not a uint8 IDX file"
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist() -> clf.LabelledSplits:
+    x_train, y_train, x_test, y_test = (_read_idx(DATA_DIR / name) for name in FILES)
+    return clf.LabelledSplits(x_train[..., None], y_train.astype(np.int64), x_test[..., None], y_test.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def data() -> clf.LabelledSplits:
+    if not all((DATA_DIR / name).is_file() for name in FILES):
+        pytest.skip(f"Fashion-MNIST archives not found in {DATA_DIR} (see shared/data/README.md)")
+    return _fashion_mnist()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("classifier_cache")
+
+
+@pytest.fixture(scope="module")
+def trained(data: clf.LabelledSplits, cache_dir: Path) -> tuple[clf.Classifier, clf.ClassifierInfo]:
+    start = time.perf_counter()
+    result = clf.load_or_train_classifier(cache_dir, "fashion_mnist", lambda: data)
+    print(f"\nclassifier: test accuracy {result[1].test_accuracy:.4f}, {time.perf_counter() - start:.1f} s")
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(trained: tuple[clf.Classifier, clf.ClassifierInfo], data: clf.LabelledSplits) -> clf.FeatureReference:
+    return clf.reference_statistics(trained[0], clf.to_model_layout(data.train_images[:20000]))
+
+
+@pytest.fixture(scope="module")
+def test_images(data: clf.LabelledSplits) -> np.ndarray:
+    return clf.to_model_layout(data.test_images[:5000])
+
+
+def _noised(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0.0, sigma, images.shape).astype(np.float32)
+    return np.clip(images + noise, -1.0, 1.0)
+
+
+def test_shapes_for_any_image_size() -> None:
+    net = eqx.filter_eval_shape(clf.Classifier, (3, 32, 32), 10, width=8, feature_dim=16, key=jr.key(0))
+    x = jax.ShapeDtypeStruct((3, 32, 32), jnp.float32)
+    assert eqx.filter_eval_shape(net, x).shape == (10,)
+    assert eqx.filter_eval_shape(net.features, x).shape == (16,)
+    odd = clf.Classifier((1, 27, 30), 4, width=4, feature_dim=8, key=jr.key(1))
+    assert odd(jnp.zeros((1, 27, 30))).shape == (4,)
+
+
+def test_accuracy_at_least_90_percent(
+    trained: tuple[clf.Classifier, clf.ClassifierInfo], data: clf.LabelledSplits
+) -> None:
+    classifier, info = trained
+    assert info.test_accuracy >= 0.90
+    recomputed = clf.accuracy(classifier, clf.to_model_layout(data.test_images), data.test_labels)
+    assert recomputed == pytest.approx(info.test_accuracy, abs=1e-6)
+    assert info.dataset == "fashion_mnist" and info.image_shape == (1, 28, 28) and info.num_classes == 10
+
+
+def test_cache_is_reused(trained: tuple[clf.Classifier, clf.ClassifierInfo], cache_dir: Path) -> None:
+    def must_not_load() -> clf.LabelledSplits:
+        raise AssertionError("cached classifier was retrained")
+
+    loaded, info = clf.load_or_train_classifier(cache_dir, "fashion_mnist", must_not_load)
+    assert info == trained[1]
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(trained[0]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (cache_dir / "classifier_fashion_mnist" / "classifier.json").is_file()
+
+
+def test_reference_statistics_cache(
+    trained: tuple[clf.Classifier, clf.ClassifierInfo], test_images: np.ndarray, tmp_path: Path
+) -> None:
+    path = tmp_path / "ref.npz"
+    first = clf.reference_statistics(trained[0], test_images[:500], cache_path=path)
+    stamp = path.stat().st_mtime_ns
+    again = clf.reference_statistics(trained[0], test_images[:500], cache_path=path)
+    assert path.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(first.sigma, again.sigma)
+    other = clf.reference_statistics(trained[0], test_images[500:1000], cache_path=path)  # stale: recomputed
+    assert not np.array_equal(other.mu, first.mu)
+
+
+def test_fd_of_held_out_real_images_is_small_and_noise_is_far_worse(
+    trained: tuple[clf.Classifier, clf.ClassifierInfo], reference: clf.FeatureReference, test_images: np.ndarray
+) -> None:
+    classifier = trained[0]
+    real = clf.fd_classifier(classifier, test_images, reference)
+    noisy = [clf.fd_classifier(classifier, _noised(test_images, s), reference) for s in NOISE_LEVELS]
+    print(f"\nfd_classifier: test vs train {real:.4g}; noise {dict(zip(NOISE_LEVELS, np.round(noisy, 3)))}")
+    assert all(a < b for a, b in zip([real, *noisy], noisy))  # grows with every noise step
+    assert noisy[-1] > 100 * real  # measured: 0.78 vs 420
+    assert real < 0.5 * noisy[0]  # even faint noise (sigma 0.1 of a [-1, 1] range) scores worse: 4.5
+
+
+def test_kid_of_held_out_real_images_is_near_zero_and_noise_is_not(
+    trained: tuple[clf.Classifier, clf.ClassifierInfo], reference: clf.FeatureReference, test_images: np.ndarray
+) -> None:
+    classifier = trained[0]
+    real_mean, real_std = clf.kid_classifier(classifier, test_images, reference, seed=0, num_subsets=20)
+    noisy_mean, noisy_std = clf.kid_classifier(classifier, _noised(test_images, 1.0), reference, seed=0, num_subsets=20)
+    print(f"\nkid_classifier: real {real_mean:.3g} +- {real_std:.2g}; noise 1.0 {noisy_mean:.3g} +- {noisy_std:.2g}")
+    assert abs(real_mean) < 3 * real_std + 1e-3 * noisy_mean
+    assert noisy_mean > 20 * noisy_std
+
+
+def test_classifier_metrics_agree_with_separate_calls(
+    trained: tuple[clf.Classifier, clf.ClassifierInfo], reference: clf.FeatureReference, test_images: np.ndarray
+) -> None:
+    classifier, images = trained[0], _noised(test_images[:1000], 0.3)
+    scores = clf.classifier_metrics(classifier, images, reference, seed=1, num_subsets=5)
+    assert scores["fd_classifier"] == pytest.approx(clf.fd_classifier(classifier, images, reference), rel=1e-9)
+    kid = clf.kid_classifier(classifier, images, reference, seed=1, num_subsets=5)
+    assert (scores["kid_classifier"], scores["kid_classifier_std"]) == pytest.approx(kid, rel=1e-9)
+
+
+def test_wrong_image_shape_is_rejected(trained: tuple[clf.Classifier, clf.ClassifierInfo]) -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        clf.classifier_features(trained[0], np.zeros((2, 3, 28, 28), np.float32))

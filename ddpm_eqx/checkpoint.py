@@ -33,6 +33,16 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint; the message says where it looked and what to do."""
 
 
+class _ShapeMismatch(ValueError):
+    """The stored arrays are not the ones the skeleton expects (another model's checkpoint)."""
+
+
+def _is_mismatch(e: Exception) -> bool:
+    """A readable checkpoint of another model (shapes or tree structure differ), not a damaged one."""
+    text = str(e).lower()
+    return isinstance(e, _ShapeMismatch) or (isinstance(e, ValueError) and "stored shape" in text)
+
+
 def _is_leaf_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
@@ -102,6 +112,7 @@ class Checkpointer:
         # Restore replicated over this process's devices, whatever the topology at save time.
         replicated = NamedSharding(make_mesh(), P())
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        self._check_shapes(step, abstract)
         result = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -109,6 +120,17 @@ class Checkpointer:
             ),
         )
         return eqx.combine(result.state, static), dict(result.data or {}), dict(result.meta)
+
+    def _check_shapes(self, step: int, abstract: PyTree) -> None:
+        """Compare stored and expected array shapes from the metadata alone: a checkpoint of another model
+        is reported as such, without a failing restore (whose async clean-up prints noise at exit)."""
+        metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+        stored = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(getattr(metadata, "item_metadata", metadata)))
+        expected = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract))
+        if stored != expected:
+            diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))
+            raise _ShapeMismatch(f"expected array shape {diff[0] if diff else '?'} is not stored there; "
+                                 f"{len(expected)} arrays expected, {len(stored)} stored")
 
     def restore_latest(
         self, skeleton: PyTree, *, step: int | None = None
@@ -119,14 +141,22 @@ class Checkpointer:
             if step not in steps:
                 raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
             steps = [step]
+        mismatches = []
         for s in reversed(steps):
             try:
                 state, data, meta = self.restore(s, skeleton)
             except Exception as e:  # Orbax raises many types for truncated or missing files.
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                if _is_mismatch(e):
+                    mismatches.append(first)
                 log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                            self.directory, s, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                            self.directory, s, type(e).__name__, first)
                 continue
             return s, state, data, meta
+        if steps and len(mismatches) == len(steps):
+            raise CheckpointError(f"the checkpoints in {self.directory} do not match the model its config.json "
+                                  f"describes ({mismatches[0][:160]}); was config.json edited or copied "
+                                  "from another run?")
         if steps:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read")
         return None

@@ -9,7 +9,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
-        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=50",
+        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=1000",
         "sampling.sampler=ddim", "sampling.steps=5", "training.num_sample=4", "training.log_every_steps=2",
         "training.save_and_sample_every=2", "training.max_to_keep=10"]
 

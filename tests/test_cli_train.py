@@ -67,10 +67,11 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(fashion_mnist_data_dir
 
 @pytest.mark.slow
 def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, tmp_path):
+    """DDIM-50 twice (same seed: same images) and DDPM-1000 from the same checkpoint."""
     workdir, _ = reference_run
     env = _env(tmp_path)
     outs = []
-    for name, args in [("a", ["--sampler", "ddim", "--steps", "5"]), ("b", ["--sampler", "ddim", "--steps", "5"]),
+    for name, args in [("a", ["--sampler", "ddim", "--steps", "50"]), ("b", ["--sampler", "ddim", "--steps", "50"]),
                        ("c", ["--sampler", "ddpm"])]:
         npz = tmp_path / f"{name}.npz"
         subprocess.run(_cmd("sample", "--ckpt", str(workdir), "--num", "6", "--batch-size", "4", "--seed", "3",
@@ -81,6 +82,29 @@ def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, t
     assert outs[0].shape == (6, 8, 8, 1) and outs[0].dtype == np.uint8
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.slow
+def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_path):
+    workdir, _ = reference_run
+    gif = tmp_path / "path.gif"
+    result = subprocess.run(_cmd("sample", "--ckpt", str(workdir), "--num", "4", "--sampler", "ddim", "--steps", "10",
+                                 "--trajectory", str(gif)), env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert im.n_frames == 11  # x_T and the 10 DDIM steps
+    out = tmp_path / "eval.json"
+    result = subprocess.run(_cmd("eval", "--ckpt", str(workdir), "--num", "64", "--steps", "10", "--out", str(out)),
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(out.read_text())
+    # An 8-step model draws noise-like images: far from the data in the classifier's feature space.
+    assert scores["fd_classifier"] > 1.0 and np.isfinite(scores["kid_classifier"])
+    assert scores["classifier_test_accuracy"] > 0.7  # trained at the run's 8x8 resolution
+    assert "FID Inception weights not found" in scores["fid_unavailable"]
 
 
 @pytest.mark.parametrize(

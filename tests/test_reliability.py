@@ -105,7 +105,7 @@ def test_sample_rejects_a_checkpoint_of_another_model(reference_run, tmp_path):
     config = (workdir / "config.json").read_text().replace('"dim": 8', '"dim": 16')
     (workdir / "config.json").write_text(config)
     result = _run(_cmd("sample", "--ckpt", str(workdir), "--num", "2"), tmp_path)
-    _one_line_error(result, 1, "does not match its config.json")
+    _one_line_error(result, 1, "do not match the model its config.json describes", "is not stored there")
 
 
 def test_sample_label_for_unconditional_model(reference_run, tmp_path):

@@ -27,6 +27,9 @@ RESUMABLE_KEYS = {"training.num_train_steps", "training.log_every_steps", "train
 
 
 def fail(message: str, code: int = 1) -> None:
+    """One line on stderr and exit ``code``; DDPM_EQX_DEBUG=1 shows the traceback instead."""
+    if os.environ.get("DDPM_EQX_DEBUG") and sys.exc_info()[0] is not None:
+        raise
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -133,7 +136,10 @@ def train(
         fail(str(e), 2)
     except DataError as e:
         fail(str(e).splitlines()[0], 1)
-    _prepare_workdir(workdir, cfg, force)
+    import jax
+
+    if jax.process_index() == 0:  # one process owns config.json (others would race on it)
+        _prepare_workdir(workdir, cfg, force)
     warn_if_undersized_machine(cfg)
     try:
         result = run_train(cfg, workdir, restore_from=restore_from, progress=progress)

@@ -51,6 +51,7 @@ class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B."""
 
     def __init__(self, workdir: Path, run: Any, *, total_steps: int, start_step: int, progress: bool | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
         self.run = run
         self.total = total_steps

@@ -53,8 +53,10 @@ def replicate(tree: T, mesh: Mesh) -> T:
     def put(x: Any) -> Any:
         if not isinstance(x, (jax.Array, np.ndarray)):
             return x
-        x = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else x
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x  # already replicated on this mesh (e.g. restored, or replicated before)
+        host = np.asarray(x)  # a local value, the same on every process
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree_util.tree_map(put, tree)
 

@@ -94,9 +94,10 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
                              steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,
                              conditional=cfg.model.num_classes is not None)
-    run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir))
-    writer = MetricsWriter(workdir, run, total_steps=cfg.training.num_train_steps, start_step=start,
-                           progress=progress)
+    lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
+    run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
+    writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
+                           total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False)
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size)
@@ -199,6 +200,8 @@ def _sample_grid(cfg: Config, sampler: ShardedSampler, state: TrainState, step: 
     t0 = time.perf_counter()
     images = sampler(state.ema_model, keys, labels)
     assert isinstance(images, np.ndarray)
+    if jax.process_index() != 0:
+        return
     path = save_grid(images, workdir / "samples" / f"step_{step}.png")
     log.info("samples at step %d -> %s (%.1f s)", step, path, time.perf_counter() - t0)
     if run is not None and cfg.wandb.log_sample:

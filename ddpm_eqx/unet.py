@@ -4,6 +4,7 @@ Per resolution the encoder has two ResNet blocks, a linear-attention block and a
 the last level); the middle is ResNet, full attention, ResNet; the decoder mirrors the encoder and
 concatenates two skips per level. With ``dim=64, dim_mults=(1, 2, 4), channels=1`` it has exactly the
 seed's 10,042,753 parameters. One image in, one image out: batch with ``jax.vmap``.
+Inside, the network runs channels-last (``h w c``; see ``ddpm_eqx.layers``): one transpose in, one out.
 """
 
 from typing import Literal
@@ -28,6 +29,9 @@ from ddpm_eqx.layers import (
     ResnetBlock,
     TimeEmbedding,
     Upsample,
+    conv_hwc,
+    to_chw,
+    to_hwc,
 )
 
 
@@ -195,27 +199,31 @@ class UNet(eqx.Module):
         n_blocks = 4 * len(self.dim_mults) + 3  # each ResNet block draws its own dropout key
         block_keys = iter([None] * n_blocks if key is None else jax.random.split(key, n_blocks))
 
-        def resnet(block: ResnetBlock, h: Float[Array, "c h w"]) -> Float[Array, "o h w"]:
-            return block(h, emb, key=next(block_keys), inference=inference)
+        def resnet(block: ResnetBlock, h: Float[Array, "h w c"]) -> Float[Array, "h w o"]:
+            return block.hwc(h, emb, key=next(block_keys), inference=inference)
 
-        x = self.init_conv(x)
+        def cat(a: Float[Array, "h w c1"], b: Float[Array, "h w c2"]) -> Float[Array, "h w c"]:
+            return jnp.concatenate([a, b], axis=-1)
+
+        x = conv_hwc(self.init_conv, to_hwc(x))
         skips = [x]
         for level in self.downs:
             x = resnet(level.block1, x)
             skips.append(x)
-            x = level.attn(resnet(level.block2, x))
+            x = level.attn.hwc(resnet(level.block2, x))
             skips.append(x)
-            x = level.down(x)
+            x = conv_hwc(level.down, x) if isinstance(level.down, eqx.nn.Conv2d) else level.down.hwc(x)
 
-        x = resnet(self.mid_block2, self.mid_attn(resnet(self.mid_block1, x)))
+        x = resnet(self.mid_block2, self.mid_attn.hwc(resnet(self.mid_block1, x)))
 
         for up in self.ups:
-            x = resnet(up.block1, jnp.concatenate([x, skips.pop()]))
-            x = resnet(up.block2, jnp.concatenate([x, skips.pop()]))
-            x = up.up(up.attn(x))
+            x = resnet(up.block1, cat(x, skips.pop()))
+            x = resnet(up.block2, cat(x, skips.pop()))
+            x = up.attn.hwc(x)
+            x = conv_hwc(up.up, x) if isinstance(up.up, eqx.nn.Conv2d) else up.up.hwc(x)
 
-        x = resnet(self.final_block, jnp.concatenate([x, skips.pop()]))
-        return self.final_conv(x)
+        x = resnet(self.final_block, cat(x, skips.pop()))
+        return to_chw(conv_hwc(self.final_conv, x))
 
     def _check_call(self, x: Array, label: Array | None, key: Key | None, inference: bool) -> None:
         # Shapes are static under jit, so these checks cost nothing after tracing.

@@ -79,11 +79,17 @@ class Checkpointer:
     def _clear_errors(self, step: int | None) -> Iterator[None]:
         try:
             yield
-        except OSError as e:  # e.g. ENOSPC; Orbax leaves the partial write in a tmp dir it never lists
+        except (OSError, ValueError) as e:
+            # Disk full arrives as OSError or as tensorstore's ValueError("RESOURCE_EXHAUSTED ... [os_error_code='28']");
+            # Orbax leaves the partial write in a *.orbax-checkpoint-tmp dir that it never lists as a step.
+            text = str(e)
+            if not isinstance(e, OSError) and "RESOURCE_EXHAUSTED" not in text and "os_error_code" not in text:
+                raise
+            reason = "No space left on device" if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
             good = [s for s in self.all_steps() if s != step]
             kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
             raise CheckpointError(f"could not write a checkpoint{'' if step is None else f' at step {step}'} in "
-                                  f"{self.directory}: {e.strerror or e}; free space there and resume ({kept})") from None
+                                  f"{self.directory}: {reason}; free space there and resume ({kept})") from None
 
     def quarantine_after(self, step: int) -> list[Path]:
         """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""

@@ -62,10 +62,13 @@ def make_optimizer(cfg: OptimConfig, num_train_steps: int) -> optax.GradientTran
 
 def init_state(model: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
     params = eqx.filter(model, trainable(model))
+    # The EMA starts as a copy with buffers of its own: the train step donates the whole state, and
+    # XLA refuses to donate one buffer twice.
+    ema_model = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         model=model,
-        ema_model=model,
+        ema_model=ema_model,
         opt_state=optimizer.init(params),
     )
 

@@ -127,3 +127,23 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
         assert any("no W&B login" in r.message for r in caplog.records)
     finally:
         run.finish()
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(fashion_mnist_data_dir, tmp_path):
+    """A tmpfs just large enough for one checkpoint of the tiny model (~2.6 MB): the second save fails."""
+    mount = tmp_path / "tiny_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        workdir = mount / "run"
+        result = _run(_train_args(fashion_mnist_data_dir, workdir, 8, "training.num_sample=0"), tmp_path)
+        assert result.returncode == 1, result.stderr[-2000:]
+        error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error) == 1 and "could not write a checkpoint" in error[0], result.stderr[-2000:]
+        assert "No space left on device" in error[0] and "checkpoint step 2 is intact" in error[0]
+        params = _final_params(workdir, 2)  # the previous checkpoint restores
+        assert all(np.isfinite(x).all() for x in params if np.issubdtype(x.dtype, np.floating))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

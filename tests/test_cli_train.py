@@ -129,3 +129,22 @@ def test_sample_errors_for_missing_and_empty_checkpoints(tmp_path):
                                 text=True, timeout=120)
         assert result.returncode == 1 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_restore_from_another_run_with_wandb_offline(reference_run, fashion_mnist_data_dir, tmp_path):
+    """--restore-from starts at the other run's newest step; W&B offline needs no network or login."""
+    workdir = tmp_path / "continued"
+    args = _train_args(fashion_mnist_data_dir, workdir, 10, "wandb.mode=offline")
+    args += ["--restore-from", str(reference_run[0])]
+    env = _env(tmp_path)
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_DIR", None)  # the run writes under its workdir
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr and "at step 8" in result.stderr
+    assert "finished at step 10" in result.stdout
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [10]
+    runs = list((workdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

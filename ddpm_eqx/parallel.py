@@ -53,8 +53,12 @@ def replicate(tree: T, mesh: Mesh) -> T:
     def put(x: Any) -> Any:
         if not isinstance(x, (jax.Array, np.ndarray)):
             return x
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
             return x  # already replicated on this mesh (e.g. restored, or replicated before)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        # Always the mesh's own sharding, even on one device: a step whose inputs came back with another
+        # (equivalent) sharding would be traced and compiled a second time.
         host = np.asarray(x)  # a local value, the same on every process
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -79,7 +79,7 @@ class Checkpointer:
     def _clear_errors(self, step: int | None) -> Iterator[None]:
         try:
             yield
-        except (OSError, ValueError) as e:
+        except Exception as e:
             # Disk full arrives as OSError or as tensorstore's ValueError("RESOURCE_EXHAUSTED ... [os_error_code='28']");
             # Orbax leaves the partial write in a *.orbax-checkpoint-tmp dir that it never lists as a step.
             text = str(e)
@@ -105,8 +105,9 @@ class Checkpointer:
         return moved
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self._clear_errors(None):
+            self.manager.wait_until_finished()
+            self.manager.close()
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         result = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

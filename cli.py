@@ -70,12 +70,13 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
 def _config_differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for section, values in new.items():
+        if section == "wandb":  # logging only: never makes a different run
+            continue
         if isinstance(values, dict):
             for k, v in values.items():
                 before = old.get(section, {}).get(k)
                 if (list(v) if isinstance(v, tuple) else v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
-                    if not section == "wandb":
-                        diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
         elif old.get(section) != values:
             diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
     return diffs

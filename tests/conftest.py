@@ -22,7 +22,14 @@ for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR
     os.environ[_var] = str(_SCRATCH / _var.lower())
 os.environ["TFDS_DATA_DIR"] = str(_SCRATCH / "tensorflow_datasets")  # tests pass their own data_dir anyway
 
+os.environ["XDG_CACHE_HOME"] = str(_SCRATCH / "cache")  # the CLI's persistent XLA cache
+
 jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
+
+from ddpm_eqx.parallel import CPU_XLA_FLAGS  # noqa: E402  (after the hook, before any backend starts)
+
+# In-process tests compile with the XLA:CPU flags the CLI uses (subprocesses get them from the CLI).
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS]).strip()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """``../shared/data`` beside the checkout (see its README): real archives for offline tests."""

@@ -1,5 +1,6 @@
 """Data parallelism: 1, 2 and 4 fake CPU devices give the same parameters after several steps."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,19 @@ def test_device_count_does_not_change_the_result(tmp_path):
             np.testing.assert_allclose(results[n][k], base[k], rtol=1e-4, atol=1e-6, err_msg=f"{n} devices, {k}")
     # The steps did move the parameters: the comparison is not between untouched initialisations.
     assert float(base["moved"]) > 1e-4
+
+
+def test_host_device_flags_keep_the_users_own(monkeypatch):
+    from ddpm_eqx.parallel import CPU_XLA_FLAGS, set_host_device_count
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=7 --xla_dump_to=/tmp/x")
+    set_host_device_count(3)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags.count("--xla_force_host_platform_device_count=3") == 1 and "--xla_dump_to=/tmp/x" in flags
+    assert not any(f.endswith("=7") for f in flags) and all(f in flags for f in CPU_XLA_FLAGS)
+    # A user's own setting of one of our flags wins.
+    name = CPU_XLA_FLAGS[0].split("=")[0]
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=")
+    set_host_device_count(None)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert f"{name}=" in flags and CPU_XLA_FLAGS[0] not in flags

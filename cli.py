@@ -88,6 +88,7 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 
 
 def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
+    from ddpm_eqx._io import write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
     try:
@@ -99,15 +100,18 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
         fail(f"cannot write to workdir {workdir} ({e.strerror}); pass --workdir to a writable folder")
     path = workdir / "config.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            fail(f"{path} is not valid JSON (edited by hand?); restore it, or use another --workdir", 2)
         diffs = _config_differences(old, to_dict(cfg))
         if diffs and not force:
             fail(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); use another "
                  "--workdir, or --force to continue it with the new config", 2)
         if diffs:
             backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
-            backup.write_text(path.read_text())
-    path.write_text(to_json(cfg))
+            write_text_atomic(backup, path.read_text())
+    write_text_atomic(path, to_json(cfg))
 
 
 @app.command()

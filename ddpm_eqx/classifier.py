@@ -27,6 +27,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped, UInt8
 
+from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 
 CACHE_FORMAT = 1
@@ -269,9 +270,7 @@ def save_classifier(directory: str | os.PathLike[str], classifier: Classifier, i
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     eqx.tree_serialise_leaves(out / "classifier.eqx", classifier)
-    tmp = out / "classifier.json.tmp"
-    tmp.write_text(info.to_json())
-    tmp.replace(out / "classifier.json")
+    write_text_atomic(out / "classifier.json", info.to_json())
 
 
 def load_classifier(directory: str | os.PathLike[str]) -> tuple[Classifier, ClassifierInfo]:

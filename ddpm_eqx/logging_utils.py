@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.config import Config, WandbConfig, to_dict
 
 log = logging.getLogger("ddpm_eqx")
@@ -53,6 +54,7 @@ class MetricsWriter:
     def __init__(self, workdir: Path, run: Any, *, total_steps: int, start_step: int, progress: bool | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
+        self._truncate_after(start_step)
         self.run = run
         self.total = total_steps
         self.bar = None
@@ -62,7 +64,21 @@ class MetricsWriter:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._last = (time.perf_counter(), start_step)
 
-    def write(self, step: int, metrics: dict[str, float], *, batch_size: int) -> dict[str, float]:
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their rows (and a line torn by a
+        killed process), so each step appears once and every line parses."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        write_text_atomic(self.path, "".join(kept))
+
+    def write(self, step: int, metrics: dict[str, float], *, batch_size: int) -> dict[str, float | int]:
         now, (then, then_step) = time.perf_counter(), self._last
         self._last = (now, step)
         rate = (step - then_step) / max(now - then, 1e-9)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset
@@ -245,7 +246,7 @@ def _wandb_id(workdir: Path) -> str | None:
 
     workdir.mkdir(parents=True, exist_ok=True)
     new = uuid.uuid4().hex[:8]
-    path.write_text(new)
+    write_text_atomic(path, new)
     return new
 
 

@@ -1,9 +1,11 @@
 """Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,71 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
         assert all(np.isfinite(x).all() for x in params if np.issubdtype(x.dtype, np.floating))
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def _committed(workdir: Path) -> list[int]:
+    """Steps Orbax has finished writing (it marks each with commit_success.txt before listing it)."""
+    root = workdir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def _writing(workdir: Path, since: float) -> bool:
+    """An Orbax checkpoint is being written: a temporary directory changed after ``since`` (a killed
+    run's leftover is older)."""
+    root = workdir / "checkpoints"
+    try:
+        return root.is_dir() and any("tmp" in p.name and p.stat().st_mtime >= since for p in root.iterdir())
+    except FileNotFoundError:  # renamed into place while we looked
+        return False
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(fashion_mnist_data_dir, tmp_path):
+    """SIGKILL ten times: at random times (start-up or training), while Orbax writes a checkpoint, and
+    just after one commits. Every restart resumes from the newest complete checkpoint, and the run
+    ends with the uninterrupted run's parameters, bit for bit."""
+    import random
+    import signal
+
+    steps, extra = 20, ("training.log_every_steps=1",)
+    ref_dir = tmp_path / "reference"
+    t0 = time.perf_counter()
+    _train(fashion_mnist_data_dir, ref_dir, steps, tmp_path, *extra)
+    duration = time.perf_counter() - t0
+    rng = random.Random(0)
+    workdir, env, kinds = tmp_path / "killed", _env(tmp_path), ["write", "random", "commit", "write", "random"] * 2
+    log_path = tmp_path / "attempt.log"
+    for i, kind in enumerate(kinds):
+        before = _committed(workdir)
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, steps, *extra), env=env,
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+            launched, start, deadline = time.time(), time.perf_counter(), time.perf_counter() + 300
+            wait = rng.uniform(0.0, 0.9 * duration)
+            while proc.poll() is None and time.perf_counter() < deadline:
+                if ((kind == "random" and time.perf_counter() - start >= wait)
+                        or (kind == "write" and _writing(workdir, launched))
+                        or (kind == "commit" and _committed(workdir) != before)):
+                    if kind == "commit":
+                        time.sleep(rng.uniform(0.0, 0.02))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+            code = proc.wait(timeout=60)
+        text = log_path.read_text()
+        assert code == -signal.SIGKILL, f"kill {i} ({kind}) came too late: the run exited {code}\n{text[-2000:]}"
+        if before and kind != "random":  # it got past start-up, so it restored...
+            assert "resumed from" in text, text[-2000:]
+        if "resumed from" in text:  # ...the newest complete checkpoint, never a half-written one
+            assert f"at step {before[-1]}" in text, text[-2000:]
+    final = _train(fashion_mnist_data_dir, workdir, steps, tmp_path, *extra)
+    assert f"finished at step {steps}" in final.stdout
+    for a, b in zip(_final_params(ref_dir, steps), _final_params(workdir, steps), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # metrics.jsonl: every line parses, each step once, the same losses as the uninterrupted run.
+    ref_rows, rows = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+                      for d in (ref_dir, workdir))
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in ref_rows]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))

@@ -46,3 +46,17 @@ def test_bf16_self_conditioned_class_conditional_training_runs_and_learns():
     losses, traces = _run(["training.half_precision=true", "ddpm.self_condition=true", "model.num_classes=10"], 60)
     assert traces == 1 and np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_metrics_of_a_resumed_run_keep_each_step_once_and_drop_a_torn_line(tmp_path):
+    import json
+
+    from ddpm_eqx.logging_utils import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (2, 4, 6)] + [{"step": 4, "eval/fd": 3.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')  # killed mid-append
+    writer = MetricsWriter(tmp_path, None, total_steps=10, start_step=4, progress=False)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[3]]
+    writer.write(6, {"loss": 0.5}, batch_size=8)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 4, 6]

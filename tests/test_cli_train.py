@@ -148,3 +148,15 @@ def test_restore_from_another_run_with_wandb_offline(reference_run, fashion_mnis
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [10]
     runs = list((workdir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_a_config_sized_for_accelerators_warns_on_cpu_with_an_estimate(reference_run, fashion_mnist_data_dir,
+                                                                        tmp_path):
+    import re
+
+    result = _train(fashion_mnist_data_dir, tmp_path / "big", 4, tmp_path, "data.batch_size=256")
+    assert "sized for TPUs/GPUs" in result.stderr and "--config configs/fashion_mnist_cpu.py" in result.stderr
+    found = re.search(r"estimated time to finish on this CPU: ([\d.]+) h \(([\d.]+) s/step\)", result.stderr)
+    assert found is not None and float(found.group(2)) > 0, result.stderr[-2000:]
+    assert "sized for TPUs/GPUs" not in reference_run[1].stderr  # batch 8: no warning

@@ -181,45 +181,44 @@ def _writing(workdir: Path, since: float) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(fashion_mnist_data_dir, tmp_path):
-    """SIGKILL ten times: at random times (start-up or training), while Orbax writes a checkpoint, and
-    just after one commits. Every restart resumes from the newest complete checkpoint, and the run
-    ends with the uninterrupted run's parameters, bit for bit."""
+def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(reference_run, fashion_mnist_data_dir, tmp_path):
+    """SIGKILL ten times, at seeded random moments of four kinds: during start-up, while Orbax writes a
+    checkpoint, during training steps, and just after a checkpoint commits. Every restart resumes from
+    the newest complete checkpoint, and the run ends with the uninterrupted run's parameters and
+    losses, bit for bit. (The kinds are chosen so that no attempt can reach the last step.)"""
     import random
     import signal
 
-    steps, extra = 20, ("training.log_every_steps=1",)
-    ref_dir = tmp_path / "reference"
-    t0 = time.perf_counter()
-    _train(fashion_mnist_data_dir, ref_dir, steps, tmp_path, *extra)
-    duration = time.perf_counter() - t0
-    rng = random.Random(0)
-    workdir, env, kinds = tmp_path / "killed", _env(tmp_path), ["write", "random", "commit", "write", "random"] * 2
-    log_path = tmp_path / "attempt.log"
+    ref_dir, _ = reference_run  # 8 steps, a checkpoint every 2
+    steps, rng = 8, random.Random(0)
+    workdir, env, log_path = tmp_path / "killed", _env(tmp_path), tmp_path / "attempt.log"
+    kinds = ["write", "startup", "step", "write", "commit", "write", "startup", "step", "write", "write"]
     for i, kind in enumerate(kinds):
         before = _committed(workdir)
+        first_logged = (before[-1] if before else 0) + 2  # log_every_steps=2
         with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, steps, *extra), env=env,
-                                    stdout=log_file, stderr=subprocess.STDOUT)
-            launched, start, deadline = time.time(), time.perf_counter(), time.perf_counter() + 300
-            wait = rng.uniform(0.0, 0.9 * duration)
-            while proc.poll() is None and time.perf_counter() < deadline:
-                if ((kind == "random" and time.perf_counter() - start >= wait)
+            proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, steps), env=env, stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+            launched, deadline = time.time(), time.time() + 300
+            startup_wait, step_wait = rng.uniform(0.0, 3.0), rng.uniform(0.0, 0.3)
+            while proc.poll() is None and time.time() < deadline:
+                now = time.time()
+                if ((kind == "startup" and now - launched >= startup_wait)
                         or (kind == "write" and _writing(workdir, launched))
-                        or (kind == "commit" and _committed(workdir) != before)):
-                    if kind == "commit":
-                        time.sleep(rng.uniform(0.0, 0.02))
+                        or (kind == "commit" and _committed(workdir) != before)
+                        or (kind == "step" and f"step {first_logged}/{steps}" in log_path.read_text())):
+                    time.sleep(step_wait if kind == "step" else rng.uniform(0.0, 0.02) if kind == "commit" else 0)
                     proc.send_signal(signal.SIGKILL)
                     break
                 time.sleep(0.002)
             code = proc.wait(timeout=60)
         text = log_path.read_text()
         assert code == -signal.SIGKILL, f"kill {i} ({kind}) came too late: the run exited {code}\n{text[-2000:]}"
-        if before and kind != "random":  # it got past start-up, so it restored...
+        if before and kind != "startup":  # it got past start-up, so it restored...
             assert "resumed from" in text, text[-2000:]
         if "resumed from" in text:  # ...the newest complete checkpoint, never a half-written one
             assert f"at step {before[-1]}" in text, text[-2000:]
-    final = _train(fashion_mnist_data_dir, workdir, steps, tmp_path, *extra)
+    final = _train(fashion_mnist_data_dir, workdir, steps, tmp_path)
     assert f"finished at step {steps}" in final.stdout
     for a, b in zip(_final_params(ref_dir, steps), _final_params(workdir, steps), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -227,4 +226,4 @@ def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(fashion_mnist_da
     ref_rows, rows = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
                       for d in (ref_dir, workdir))
     assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in ref_rows]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["step"] for r in rows] == list(range(2, steps + 1, 2))

@@ -1,7 +1,6 @@
 """Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
 
 import json
-import os
 import re
 import shutil
 import subprocess

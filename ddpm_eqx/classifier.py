@@ -362,6 +362,19 @@ def reference_statistics(
     return reference
 
 
+def _fd(features: Float[np.ndarray, "n f"], reference: FeatureReference) -> float:
+    mu, sigma = feature_statistics(features)
+    return frechet_distance(mu, sigma, reference.mu, reference.sigma)
+
+
+def _kid(
+    features: Float[np.ndarray, "n f"], reference: FeatureReference, *, seed: int, num_subsets: int, subset_size: int
+) -> tuple[float, float]:
+    return kernel_inception_distance(
+        features, reference.features, num_subsets=num_subsets, subset_size=subset_size, seed=seed
+    )
+
+
 def fd_classifier(
     classifier: Classifier,
     images: Float[np.ndarray, "n c h w"],
@@ -370,8 +383,7 @@ def fd_classifier(
     batch_size: int = 1000,
 ) -> float:
     """Fréchet distance (Heusel et al. 2017's formula) between `images` and the reference, in classifier space."""
-    mu, sigma = feature_statistics(classifier_features(classifier, images, batch_size=batch_size))
-    return frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    return _fd(classifier_features(classifier, images, batch_size=batch_size), reference)
 
 
 def kid_classifier(
@@ -386,9 +398,7 @@ def kid_classifier(
 ) -> tuple[float, float]:
     """KID (Binkowski et al. 2018) mean and std between `images` and the reference, in classifier space."""
     features = classifier_features(classifier, images, batch_size=batch_size)
-    return kernel_inception_distance(
-        features, reference.features, num_subsets=num_subsets, subset_size=subset_size, seed=seed
-    )
+    return _kid(features, reference, seed=seed, num_subsets=num_subsets, subset_size=subset_size)
 
 
 def classifier_metrics(
@@ -402,12 +412,5 @@ def classifier_metrics(
 ) -> dict[str, float]:
     """fd_classifier and kid_classifier (mean, std) from one pass of feature extraction, for logging."""
     features = classifier_features(classifier, images)
-    mu, sigma = feature_statistics(features)
-    kid_mean, kid_std = kernel_inception_distance(
-        features, reference.features, num_subsets=num_subsets, subset_size=subset_size, seed=seed
-    )
-    return {
-        "fd_classifier": frechet_distance(mu, sigma, reference.mu, reference.sigma),
-        "kid_classifier": kid_mean,
-        "kid_classifier_std": kid_std,
-    }
+    kid_mean, kid_std = _kid(features, reference, seed=seed, num_subsets=num_subsets, subset_size=subset_size)
+    return {"fd_classifier": _fd(features, reference), "kid_classifier": kid_mean, "kid_classifier_std": kid_std}

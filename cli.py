@@ -98,10 +98,11 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
         probe.unlink()
     except OSError as e:
         fail(f"cannot write to workdir {workdir} ({e.strerror}); pass --workdir to a writable folder")
-    path = workdir / "config.json"
+    path, text = workdir / "config.json", None
     if path.is_file():
+        text = path.read_text()
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(text)
         except ValueError:
             fail(f"{path} is not valid JSON (edited by hand?); restore it, or use another --workdir", 2)
         diffs = _config_differences(old, to_dict(cfg))
@@ -110,8 +111,9 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
                  "--workdir, or --force to continue it with the new config", 2)
         if diffs:
             backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
-            write_text_atomic(backup, path.read_text())
-    write_text_atomic(path, to_json(cfg))
+            write_text_atomic(backup, text)
+    if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
+        write_text_atomic(path, new)
 
 
 @app.command()

@@ -49,3 +49,11 @@ def _final_params(workdir: Path, step: int) -> list[np.ndarray]:
     found = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(skeleton, step=step)
     assert found is not None
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(found[1], eqx.is_array))]
+
+
+def _committed(workdir: Path) -> list[int]:
+    """Steps Orbax has finished writing (it marks each with commit_success.txt before listing it)."""
+    root = workdir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())

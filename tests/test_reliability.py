@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _cli import _cmd, _env, _final_params, _train, _train_args
+from _cli import _cmd, _committed, _env, _final_params, _train, _train_args
 
 
 def _run(args, tmp_path, timeout=300):  # noqa: ANN001, ANN202
@@ -159,14 +159,6 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def _committed(workdir: Path) -> list[int]:
-    """Steps Orbax has finished writing (it marks each with commit_success.txt before listing it)."""
-    root = workdir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
-
-
 def _writing(workdir: Path, since: float) -> bool:
     """An Orbax checkpoint is being written: a temporary directory changed after ``since`` (a killed
     run's leftover is older)."""
@@ -204,7 +196,10 @@ def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(reference_run, f
                         or (kind == "write" and _writing(workdir, launched))
                         or (kind == "commit" and _committed(workdir) != before)
                         or (kind == "step" and f"step {first_logged}/{steps}" in log_path.read_text())):
-                    time.sleep(step_wait if kind == "step" else rng.uniform(0.0, 0.02) if kind == "commit" else 0)
+                    if kind == "step":
+                        time.sleep(step_wait)
+                    elif kind == "commit":
+                        time.sleep(rng.uniform(0.0, 0.02))
                     proc.send_signal(signal.SIGKILL)
                     break
                 time.sleep(0.002)

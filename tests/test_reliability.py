@@ -1,6 +1,7 @@
 """Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -135,6 +136,8 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(fashion_mnist_data_dir, tmp_path):
     """A 3.5 MB tmpfs: one or two checkpoints of the tiny model fit (~1.3-2.6 MB each), a later save fails."""
+    if not os.environ.get("DDPM_EQX_TMPFS_TESTS"):
+        pytest.skip("set DDPM_EQX_TMPFS_TESTS=1 to run (mounts a tmpfs; flaky in CI: see the reliability issue)")
     mount = tmp_path / "tiny_disk"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True).returncode:
@@ -144,7 +147,9 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
         result = _run(_train_args(fashion_mnist_data_dir, workdir, 8, "training.num_sample=0"), tmp_path)
         assert result.returncode == 1, result.stderr[-2000:]
         error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert len(error) == 1 and "could not write a checkpoint" in error[0], result.stderr[-2000:]
+        noise = "Event loop is closed"  # Orbax's background thread at exit; keep the report readable
+        report = "\n".join(line for line in result.stderr.splitlines() if noise not in line)[-3000:]
+        assert len(error) == 1 and "could not write a checkpoint" in error[0], report
         assert "No space left on device" in error[0]
         intact = re.search(r"checkpoint step (\d+) is intact", error[0])
         assert intact is not None, error[0]

@@ -155,7 +155,7 @@ def train(
     warn_if_undersized_machine(cfg)
     try:
         result = run_train(cfg, workdir, restore_from=restore_from, progress=progress)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: e.g. EACCES
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
     typer.echo(f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}; run in {workdir}")
 

@@ -86,10 +86,15 @@ class Checkpointer:
             if not isinstance(e, OSError) and "RESOURCE_EXHAUSTED" not in text and "os_error_code" not in text:
                 raise
             reason = "No space left on device" if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
-            good = [s for s in self.all_steps() if s != step]
-            kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
-            raise CheckpointError(f"could not write a checkpoint{'' if step is None else f' at step {step}'} in "
-                                  f"{self.directory}: {reason}; free space there and resume ({kept})") from None
+            what = f"a checkpoint{'' if step is None else f' at step {step}'} in {self.directory}"
+            raise self.write_failure(what, reason, failed_step=step) from None
+
+    def write_failure(self, what: str, reason: str, *, failed_step: int | None = None) -> CheckpointError:
+        """The error for a failed write (of a checkpoint or any other file of the run): what failed, why,
+        and which checkpoint a resume will start from."""
+        good = [s for s in self.all_steps() if s != failed_step]
+        kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
+        return CheckpointError(f"could not write {what}: {reason}; free space there and resume ({kept})")
 
     def quarantine_after(self, step: int) -> list[Path]:
         """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""

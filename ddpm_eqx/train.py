@@ -8,12 +8,13 @@ SIGTERM/SIGINT save a checkpoint at the current step and return cleanly.
 
 from __future__ import annotations
 
+import errno
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
@@ -104,7 +105,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size)
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
-    t_est = 0.0
+    t_est, finished, disk_full = 0.0, False, None
     try:
         while step < cfg.training.num_train_steps and stop.signal is None:
             batch = next(iterator)
@@ -136,14 +137,33 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         ckpt.wait()
         if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps:
             _log_model(run, ckpt.directory, step)
+        finished = True
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        disk_full = e  # e.g. metrics.jsonl, while an asynchronous checkpoint save filled the disk
     finally:
-        stop.restore()
-        iterator.close()
-        writer.close()
-        ckpt.close()
-        if run is not None:
-            run.finish()
+        closers = [stop.restore, iterator.close, writer.close, ckpt.close] + ([run.finish] if run is not None else [])
+        _shut_down(closers, quiet=not finished)
+    if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
+        raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), "No space left on device") from None
     return TrainResult(state, step, stop.signal is not None, train_step.traces)
+
+
+def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
+    """Call every closer. After a failure (``quiet``) their own errors, often the same full disk, are
+    logged rather than raised, so the first error is the one reported."""
+    error: Exception | None = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:
+            if not quiet:
+                error = error or e
+            else:
+                log.warning("while stopping: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if error is not None:
+        raise error
 
 
 def _restore(cfg: Config, ckpt: Checkpointer, state: TrainState, iterator: Any,

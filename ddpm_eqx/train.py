@@ -84,10 +84,15 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     workdir = Path(workdir)
     mesh = make_mesh()
     check_divisible(cfg.data.batch_size, mesh)
-    state, process, optimizer = build_state(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
+    process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
     iterator = make_train_iterator(cfg.data, seed=cfg.seed)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
-    state = _restore(cfg, ckpt, state, iterator, restore_from)
+    # A resume restores into a shape-only skeleton: initialising the model first would cost XLA:CPU a
+    # compile per distinct weight shape (~15 s for the seed's U-Net) only to be overwritten.
+    skeleton = eqx.filter_eval_shape(lambda: init_state(build_model(cfg), optimizer))
+    restored = _restore(ckpt, skeleton, iterator, restore_from)
+    state = init_state(build_model(cfg), optimizer) if restored is None else restored
     start = int(state.step)
     state = replicate(state, mesh)
     process = replicate(process, mesh)
@@ -166,17 +171,18 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
         raise error
 
 
-def _restore(cfg: Config, ckpt: Checkpointer, state: TrainState, iterator: Any,
-             restore_from: str | Path | None) -> TrainState:
-    found = ckpt.restore_latest(state)
+def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any,
+             restore_from: str | Path | None) -> TrainState | None:
+    """The newest checkpoint of this run, else of ``restore_from``; None when there is none."""
+    found = ckpt.restore_latest(skeleton)
     source = ckpt.directory
     if found is None and restore_from is not None:
         source = _resolve_restore_from(restore_from)
-        found = Checkpointer(source, read_only=True).restore_latest(state)
+        found = Checkpointer(source, read_only=True).restore_latest(skeleton)
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:
-        return state
+        return None
     step, state, data_state, _ = found
     ckpt.quarantine_after(step)
     if data_state:

@@ -136,8 +136,6 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(fashion_mnist_data_dir, tmp_path):
     """A 3.5 MB tmpfs: one or two checkpoints of the tiny model fit (~1.3-2.6 MB each), a later save fails."""
-    if not os.environ.get("DDPM_EQX_TMPFS_TESTS"):
-        pytest.skip("set DDPM_EQX_TMPFS_TESTS=1 to run (mounts a tmpfs; flaky in CI: see the reliability issue)")
     mount = tmp_path / "tiny_disk"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True).returncode:

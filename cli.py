@@ -245,6 +245,9 @@ def eval_(
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0], 1)
+    except RuntimeError as e:
+        _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
+        raise
     results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps, **results}
     if out is not None:
         out.write_text(json.dumps(results, indent=2))

@@ -217,13 +217,16 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
     assert all(np.isfinite(x).all() for x in _final_params(workdir, 4) if np.issubdtype(x.dtype, np.floating))
 
 
-def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(fashion_mnist_data_dir, tmp_path, monkeypatch):
-    """XLA's allocation failure (here raised where the run would start, as XLA raises it) through the real
-    CLI command: one line naming the batch size and the fix, exit 1; other runtime errors still raise."""
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(command, fashion_mnist_data_dir, tmp_path,
+                                                                 monkeypatch):
+    """XLA's allocation failure (raised where the work would start, as XLA raises it) through the real CLI
+    commands: one line naming the batch size and the fix, exit 1; other runtime errors still raise."""
     import jax
     from typer.testing import CliRunner
 
     import cli
+    import ddpm_eqx.generate_cli
     import ddpm_eqx.train
     from _cli import TINY
 
@@ -234,17 +237,23 @@ def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(fashion_mnist_da
     errors = [jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 38496142536 bytes."),
               RuntimeError("something else")]
 
-    def failing_train(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise errors.pop(0)
 
-    monkeypatch.setattr(ddpm_eqx.train, "train", failing_train)
-    args = ["train", "--dataset", "fashion_mnist", "--workdir", str(tmp_path / "run"),
-            *[a for s in [*TINY, f"data.data_dir={fashion_mnist_data_dir}"] for a in ("--set", s)]]
+    if command == "train":
+        monkeypatch.setattr(ddpm_eqx.train, "train", failing)
+        args = ["train", "--dataset", "fashion_mnist", "--workdir", str(tmp_path / "run"),
+                *[a for s in [*TINY, f"data.data_dir={fashion_mnist_data_dir}"] for a in ("--set", s)]]
+        what, fix = "data.batch_size=8", "lower it with --set data.batch_size=N"
+    else:
+        monkeypatch.setattr(ddpm_eqx.generate_cli, "run_sample" if command == "sample" else "draw_images", failing)
+        args = [command, "--ckpt", str(tmp_path / "run"), "--batch-size", "16"]
+        what, fix = "--batch-size 16", "lower --batch-size"
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert lines == ["error: out of memory with data.batch_size=8 (RESOURCE_EXHAUSTED: Out of memory allocating "
-                     "38496142536 bytes.); lower it with --set data.batch_size=N; checkpoints are untouched"]
+    assert lines == [f"error: out of memory with {what} (RESOURCE_EXHAUSTED: Out of memory allocating "
+                     f"38496142536 bytes.); {fix}; checkpoints are untouched"]
     result = CliRunner().invoke(cli.app, args)
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "something else"
 

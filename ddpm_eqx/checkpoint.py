@@ -52,8 +52,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        quiet = {"max_to_keep": None, "save_interval_steps": 0} if read_only else {"max_to_keep": max_to_keep}
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
 
@@ -136,8 +137,10 @@ class Checkpointer:
     def _check_shapes(self, step: int, abstract: PyTree) -> None:
         """Compare stored and expected array shapes from the metadata alone: a checkpoint of another model
         is reported as such, without a failing restore (whose async clean-up prints noise at exit)."""
-        metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
-        stored = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(getattr(metadata, "item_metadata", metadata)))
+        # The handler, not StandardCheckpointer: that one also looks for a per-item _CHECKPOINT_METADATA
+        # (the manager writes it per step) and logs "Metadata file does not exist" on every restore.
+        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        stored = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(metadata))
         expected = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract))
         if stored != expected:
             diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))

@@ -19,7 +19,6 @@ from ddpm_eqx.images import save_grid, save_trajectory, to_uint8
 from ddpm_eqx.logging_utils import log, setup_logging
 from ddpm_eqx.parallel import make_mesh, replicate
 from ddpm_eqx.sample import Sampler
-from ddpm_eqx.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +55,11 @@ def find_run(ckpt: Path) -> tuple[Path, Path]:
 
 def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
     """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
-    from ddpm_eqx.train import build_state
+    from ddpm_eqx.train import state_skeleton
 
     run, ckpt_dir = find_run(ckpt)
     cfg = from_json((run / "config.json").read_text())
-    skeleton: TrainState = eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+    skeleton = state_skeleton(cfg)
     manager = Checkpointer(ckpt_dir, read_only=True)
     try:
         found = manager.restore_latest(skeleton, step=step)

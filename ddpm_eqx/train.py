@@ -58,6 +58,13 @@ def build_state(cfg: Config) -> tuple[TrainState, GaussianDiffusion, Any]:
     return state, make_diffusion(cfg.ddpm, cfg.training.loss_type), optimizer
 
 
+def state_skeleton(cfg: Config) -> TrainState:
+    """``build_state(cfg)``'s state as shapes only (``jax.ShapeDtypeStruct`` leaves): what a checkpoint is
+    restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
+    (~15 s for the seed's U-Net)."""
+    return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+
+
 class _StopFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps (pre-emptible machines)."""
 
@@ -88,10 +95,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
     iterator = make_train_iterator(cfg.data, seed=cfg.seed)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
-    # A resume restores into a shape-only skeleton: initialising the model first would cost XLA:CPU a
-    # compile per distinct weight shape (~15 s for the seed's U-Net) only to be overwritten.
-    skeleton = eqx.filter_eval_shape(lambda: init_state(build_model(cfg), optimizer))
-    restored = _restore(ckpt, skeleton, iterator, restore_from)
+    # Weights are built only when there is no checkpoint to restore into their skeleton.
+    restored = _restore(ckpt, state_skeleton(cfg), iterator, restore_from)
     state = init_state(build_model(cfg), optimizer) if restored is None else restored
     start = int(state.step)
     state = replicate(state, mesh)
@@ -311,4 +316,5 @@ def _log_estimate(cfg: Config, seconds_per_step: float, step: int) -> None:
                 "--config configs/fashion_mnist_cpu.py", left / 3600, seconds_per_step)
 
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "warn_if_undersized_machine"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton",
+           "warn_if_undersized_machine"]

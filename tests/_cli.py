@@ -42,10 +42,10 @@ def _final_params(workdir: Path, step: int) -> list[np.ndarray]:
     import jax
     from ddpm_eqx.checkpoint import Checkpointer
     from ddpm_eqx.config import from_json
-    from ddpm_eqx.train import build_state
+    from ddpm_eqx.train import state_skeleton
 
     cfg = from_json((workdir / "config.json").read_text())
-    skeleton = eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+    skeleton = state_skeleton(cfg)
     found = Checkpointer(workdir / "checkpoints", read_only=True).restore_latest(skeleton, step=step)
     assert found is not None
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(found[1], eqx.is_array))]

@@ -121,12 +121,23 @@ def conv_hwc(
 
 
 def group_norm_hwc(norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
-    """``eqx.nn.GroupNorm`` (contiguous channel groups, biased variance) on a channels-last image."""
+    """``eqx.nn.GroupNorm`` (contiguous channel groups, biased variance) on a channels-last image.
+
+    Two-pass statistics, each summed over the pixels per channel first and then over a group's channels.
+    The same function as reducing a ``(h, w, groups, c/g)`` view over three axes, but on XLA:CPU that
+    reduction's gradient is a strided sum ~2x slower (fwd+bwd at 28x28x64, batch 32: 9.7 -> 5.1 ms).
+    """
     h, w, c = x.shape
-    y = x.astype(jnp.result_type(x.dtype, jnp.float32)).reshape(h, w, norm.groups, c // norm.groups)
-    mean = jnp.mean(y, axis=(0, 1, 3), keepdims=True)
-    var = jnp.maximum(jnp.var(y, axis=(0, 1, 3), keepdims=True), 0.0)
-    out = ((y - mean) * jax.lax.rsqrt(var + norm.eps)).reshape(h, w, c)
+    size = c // norm.groups
+    y = x.astype(jnp.result_type(x.dtype, jnp.float32))
+
+    def group_mean(per_channel: Float[Array, " c"]) -> Float[Array, " c"]:
+        return jnp.repeat(jnp.sum(per_channel.reshape(norm.groups, size), axis=1), size) / (h * w * size)
+
+    mean = group_mean(jnp.sum(y, axis=(0, 1)))
+    centred = y - mean
+    var = group_mean(jnp.sum(centred * centred, axis=(0, 1)))
+    out = centred * jax.lax.rsqrt(var + norm.eps)
     if norm.channelwise_affine:
         assert norm.weight is not None and norm.bias is not None
         out = norm.weight.astype(out.dtype) * out + norm.bias.astype(out.dtype)
@@ -377,6 +388,31 @@ class Downsample(eqx.Module):
         return conv_hwc(self.conv, x)
 
 
+@jax.custom_vjp
+def upsample_nearest(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+    """Nearest-neighbour 2x upsampling of a channels-last image.
+
+    Its gradient sums each 2x2 block. Autodiff of ``jnp.repeat`` gives that as a reduction over two
+    strided axes, which XLA:CPU runs slowly; here it is two adds of contiguous halves (the Upsample
+    layer's fwd+bwd, batch 32: 82 -> 37 ms at 14x14x128, 40 -> 29 ms at 7x7x256).
+    """
+    return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
+
+
+def _upsample_fwd(x: Float[Array, "h w c"]) -> tuple[Float[Array, "h2 w2 c"], None]:
+    return upsample_nearest(x), None
+
+
+def _upsample_bwd(_: None, g: Float[Array, "h2 w2 c"]) -> tuple[Float[Array, "h w c"]]:
+    h2, w2, c = g.shape
+    rows = g.reshape(h2 // 2, 2, w2 // 2, 2 * c)
+    pairs = rows[:, 0] + rows[:, 1]
+    return (pairs[..., :c] + pairs[..., c:],)
+
+
+upsample_nearest.defvjp(_upsample_fwd, _upsample_bwd)
+
+
 class Upsample(eqx.Module):
     """Double the resolution: nearest-neighbour then a 3x3 conv (Odena et al. 2016: no checkerboard;
     also ~3x faster than a transposed conv on XLA:CPU)."""
@@ -390,4 +426,5 @@ class Upsample(eqx.Module):
         return to_chw(self.hwc(to_hwc(x)))
 
     def hwc(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 o"]:
-        return conv_hwc(self.conv, jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1))
+        return conv_hwc(self.conv, upsample_nearest(x))
+

@@ -23,7 +23,11 @@ from ddpm_eqx.layers import (
     PreNormResidual,
     TimeEmbedding,
     WSConv2d,
+    group_norm_hwc,
     standardise_weight,
+    to_chw,
+    to_hwc,
+    upsample_nearest,
 )
 from ddpm_eqx.unet import UNet, count_params, make_unet
 
@@ -206,6 +210,31 @@ def test_weight_standardisation_zero_mean_unit_variance():
     raw_var = jnp.var(raw, axis=(1, 2, 3))
     np.testing.assert_allclose(jnp.mean(w, axis=(1, 2, 3)), 0.0, atol=1e-6)
     np.testing.assert_allclose(jnp.var(w, axis=(1, 2, 3)), raw_var / (raw_var + eps), rtol=1e-5)
+
+
+def test_channels_last_group_norm_is_equinox_group_norm():
+    # Per-channel-then-per-group statistics: the same function as eqx.nn.GroupNorm on (c, h, w), also
+    # for inputs far from zero mean, where a one-pass variance would lose digits.
+    norm = eqx.nn.GroupNorm(4, 12)
+    norm = eqx.tree_at(lambda n: (n.weight, n.bias), norm, (normal((12,), 5), normal((12,), 6)))
+    x = 0.5 * normal((12, 5, 7)) + 100.0 * jnp.arange(12.0)[:, None, None]
+    np.testing.assert_allclose(to_chw(group_norm_hwc(norm, to_hwc(x))), norm(x), rtol=1e-4, atol=1e-4)
+    # ... and its gradient too (the statistics are differentiated through, not stopped).
+    g = normal((12, 5, 7), 7)
+    grad_ours = jax.grad(lambda x: jnp.sum(to_chw(group_norm_hwc(norm, to_hwc(x))) * g))(x)
+    grad_eqx = jax.grad(lambda x: jnp.sum(norm(x) * g))(x)
+    np.testing.assert_allclose(grad_ours, grad_eqx, rtol=1e-3, atol=1e-3)
+
+
+def test_upsample_gradient_sums_each_2x2_block():
+    x, g = normal((3, 5, 4)), normal((6, 10, 4), 2)
+    up, vjp = jax.vjp(upsample_nearest, x)
+    np.testing.assert_array_equal(up, jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1))
+    blocks = g.reshape(3, 2, 5, 2, 4)
+    np.testing.assert_allclose(vjp(g)[0], blocks.sum(axis=(1, 3)), rtol=1e-6, atol=1e-6)
+    # ... also batched, as the U-Net calls it.
+    batched = jax.vmap(jax.grad(lambda x, g: jnp.sum(upsample_nearest(x) * g)))(x[None], g[None])[0]
+    np.testing.assert_allclose(batched, blocks.sum(axis=(1, 3)), rtol=1e-6, atol=1e-6)
 
 
 def test_ws_conv_ignores_kernel_affine_rescaling():

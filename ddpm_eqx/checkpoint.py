@@ -47,6 +47,15 @@ def _is_leaf_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
+def _fix_for(reason: str) -> str:
+    """What to do about a failed write, by its reason (an OSError's strerror or tensorstore's text)."""
+    if "No space left" in reason:
+        return "free space there"
+    if "Permission denied" in reason or "Read-only file system" in reason:
+        return "make the folder writable"
+    return "fix that"
+
+
 class Checkpointer:
     """A thin wrapper around ``ocp.CheckpointManager`` with items ``state``, ``data`` and ``meta``."""
 
@@ -95,7 +104,7 @@ class Checkpointer:
         and which checkpoint a resume will start from."""
         good = [s for s in self.all_steps() if s != failed_step]
         kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
-        return CheckpointError(f"could not write {what}: {reason}; free space there and resume ({kept})")
+        return CheckpointError(f"could not write {what}: {reason}; {_fix_for(reason)} and resume ({kept})")
 
     def quarantine_after(self, step: int) -> list[Path]:
         """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""

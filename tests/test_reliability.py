@@ -217,6 +217,35 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
     assert all(np.isfinite(x).all() for x in _final_params(workdir, 4) if np.issubdtype(x.dtype, np.floating))
 
 
+@pytest.mark.parametrize("error,fix", [
+    (OSError(28, "No space left on device"), "free space there"),
+    (OSError(13, "Permission denied"), "make the folder writable"),
+    (OSError(30, "Read-only file system"), "make the folder writable"),
+    (OSError(5, "Input/output error"), "fix that"),
+    (ValueError("RESOURCE_EXHAUSTED: writing 'x': [os_error_code='28']"), "free space there"),
+])
+def test_a_failed_save_names_the_reason_and_the_fix_that_matches_it(error, fix, tmp_path, monkeypatch):
+    """Only a full disk is told to free space: a permission or I/O error gets advice that fits it."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from ddpm_eqx.checkpoint import CheckpointError, Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(2, {"w": jnp.ones(3)}, None, {})
+
+    def failing_save(self, step, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    with pytest.raises(CheckpointError) as raised:
+        ckpt.save(4, {"w": jnp.ones(3)}, None, {})
+    reason = "No space left on device" if fix == "free space there" else str(error)  # e.g. "[Errno 13] Permission denied"
+    assert str(raised.value) == (f"could not write a checkpoint at step 4 in {tmp_path / 'checkpoints'}: {reason}; "
+                                 f"{fix} and resume (checkpoint step 2 is intact)")
+    ckpt.close()
+
+
 @pytest.mark.parametrize("command", ["train", "sample", "eval"])
 def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(command, fashion_mnist_data_dir, tmp_path,
                                                                  monkeypatch):

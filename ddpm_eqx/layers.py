@@ -388,29 +388,17 @@ class Downsample(eqx.Module):
         return conv_hwc(self.conv, x)
 
 
-@jax.custom_vjp
 def upsample_nearest(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
-    """Nearest-neighbour 2x upsampling of a channels-last image.
+    """Nearest-neighbour 2x upsampling of a channels-last image (``jnp.repeat`` along h and w).
 
-    Its gradient sums each 2x2 block. Autodiff of ``jnp.repeat`` gives that as a reduction over two
-    strided axes, which XLA:CPU runs slowly; here it is two adds of contiguous halves (the Upsample
-    layer's fwd+bwd, batch 32: 82 -> 37 ms at 14x14x128, 40 -> 29 ms at 7x7x256).
+    Written as copies concatenated along contiguous axes, so that its gradient (the sum of each 2x2
+    block) is two adds of contiguous halves. Autodiff of ``jnp.repeat`` gives a reduction over two
+    strided axes instead, which XLA:CPU runs slowly: the Upsample layer's fwd+bwd at batch 32 goes from
+    82 to ~40 ms at 14x14x128. Plain JAX rather than a ``custom_vjp``, so forward-mode AD still works.
     """
-    return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
-
-
-def _upsample_fwd(x: Float[Array, "h w c"]) -> tuple[Float[Array, "h2 w2 c"], None]:
-    return upsample_nearest(x), None
-
-
-def _upsample_bwd(_: None, g: Float[Array, "h2 w2 c"]) -> tuple[Float[Array, "h w c"]]:
-    h2, w2, c = g.shape
-    rows = g.reshape(h2 // 2, 2, w2 // 2, 2 * c)
-    pairs = rows[:, 0] + rows[:, 1]
-    return (pairs[..., :c] + pairs[..., c:],)
-
-
-upsample_nearest.defvjp(_upsample_fwd, _upsample_bwd)
+    h, w, c = x.shape
+    columns = jnp.concatenate([x, x], axis=-1)  # (h, w, 2c) is (h, 2w, c) with every pixel twice
+    return jnp.stack([columns, columns], axis=1).reshape(2 * h, 2 * w, c)
 
 
 class Upsample(eqx.Module):

@@ -235,6 +235,10 @@ def test_upsample_gradient_sums_each_2x2_block():
     # ... also batched, as the U-Net calls it.
     batched = jax.vmap(jax.grad(lambda x, g: jnp.sum(upsample_nearest(x) * g)))(x[None], g[None])[0]
     np.testing.assert_allclose(batched, blocks.sum(axis=(1, 3)), rtol=1e-6, atol=1e-6)
+    # Forward mode works too (a custom_vjp would refuse jvp): the tangent is upsampled like the input.
+    tangent = normal((3, 5, 4), 3)
+    _, out_tangent = jax.jvp(upsample_nearest, (x,), (tangent,))
+    np.testing.assert_array_equal(out_tangent, jnp.repeat(jnp.repeat(tangent, 2, axis=0), 2, axis=1))
 
 
 def test_ws_conv_ignores_kernel_affine_rescaling():

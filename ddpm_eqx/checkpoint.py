@@ -3,7 +3,8 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a
 half-written checkpoint is never listed. A checkpoint that is listed but unreadable (truncated
 or deleted files) is skipped with a warning naming it, and the previous one is used; nothing is
-ever deleted by a restore.
+ever deleted by a restore. Checkpoints of an older ddpm-eqx, whose convolution kernels were stored OIHW
+(``eqx.nn.Conv2d``), are recognised by their shapes and converted to HWIO as they are read.
 
 Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_array`` is False for
 ``jax.ShapeDtypeStruct``, so the skeleton is filtered with ``_is_leaf_array`` (see STACK_NOTES).
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jaxtyping import PyTree
 
+from ddpm_eqx.layers import kernels_as_oihw, kernels_from_oihw
 from ddpm_eqx.parallel import P, make_mesh
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def _is_mismatch(e: Exception) -> bool:
 
 def _is_leaf_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
+    return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _fix_for(reason: str) -> str:
@@ -134,27 +140,33 @@ class Checkpointer:
         # Restore replicated over this process's devices, whatever the topology at save time.
         replicated = NamedSharding(make_mesh(), P())
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-        self._check_shapes(step, abstract)
+        target, convert = abstract, None
+        expected, stored = _shapes(abstract), self._stored_shapes(step)
+        if stored != expected:
+            legacy = kernels_as_oihw(abstract)
+            if stored != _shapes(legacy):
+                diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))
+                raise _ShapeMismatch(f"expected array shape {diff[0] if diff else '?'} is not stored there; "
+                                     f"{len(expected)} arrays expected, {len(stored)} stored")
+            # Written before ddpm-eqx stored conv kernels HWIO: read them as stored, convert in memory.
+            log.info("checkpoint %s/%d has OIHW convolution kernels (an older ddpm-eqx); converting them to HWIO",
+                     self.directory, step)
+            target, convert = legacy, kernels_from_oihw
         result = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
-        return eqx.combine(result.state, static), dict(result.data or {}), dict(result.meta)
+        state = result.state if convert is None else convert(result.state)
+        return eqx.combine(state, static), dict(result.data or {}), dict(result.meta)
 
-    def _check_shapes(self, step: int, abstract: PyTree) -> None:
-        """Compare stored and expected array shapes from the metadata alone: a checkpoint of another model
-        is reported as such, without a failing restore (whose async clean-up prints noise at exit)."""
+    def _stored_shapes(self, step: int) -> list[tuple[int, ...]]:
+        """The stored array shapes, from the metadata alone: a checkpoint of another model is reported as
+        such, without a failing restore (whose async clean-up prints noise at exit)."""
         # The handler, not StandardCheckpointer: that one also looks for a per-item _CHECKPOINT_METADATA
         # (the manager writes it per step) and logs "Metadata file does not exist" on every restore.
-        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
-        stored = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(metadata))
-        expected = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract))
-        if stored != expected:
-            diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))
-            raise _ShapeMismatch(f"expected array shape {diff[0] if diff else '?'} is not stored there; "
-                                 f"{len(expected)} arrays expected, {len(stored)} stored")
+        return _shapes(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state"))
 
     def restore_latest(
         self, skeleton: PyTree, *, step: int | None = None

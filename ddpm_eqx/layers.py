@@ -9,16 +9,17 @@ Layout: each layer also has ``hwc``, the same function on a channels-last image 
 runs on those and transposes once at entry and exit. On XLA:CPU a vmapped channels-last network is ~2x
 faster (its convolutions are Eigen's NHWC kernels, and every 1x1 convolution and attention projection
 becomes one ``(b*h*w, c) @ (c, o)`` matmul instead of a slow small-K dot over an NCHW array; see
-benchmarks/RESULTS.md). Weights keep Equinox's layout (``o i kh kw``): only how they are applied changes.
+benchmarks/RESULTS.md). Convolution kernels are stored HWIO (``Conv2d``), the layout those kernels take.
 """
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from ddpm_eqx._types import Key, Timestep
 
@@ -99,25 +100,96 @@ def to_chw(x: Float[Array, "h w c"]) -> Float[Array, "c h w"]:
     return jnp.transpose(x, (2, 0, 1))
 
 
-def conv_hwc(
-    conv: eqx.nn.Conv2d, x: Float[Array, "h w c"], weight: Float[Array, "o i kh kw"] | None = None
-) -> Float[Array, "h2 w2 o"]:
-    """``conv(x)`` of an ``eqx.nn.Conv2d`` (zero padding) on a channels-last image.
+class Conv2d(eqx.Module):
+    """A 2-D convolution (zero padding) whose kernel is stored ``(kh, kw, in, out)``: HWIO.
 
-    A 1x1 stride-1 convolution is a matmul over pixels; others run as NHWC/HWIO convolutions, Eigen's
-    native layout on XLA:CPU (transposing the small kernel is free next to the convolution).
+    HWIO is the layout XLA:CPU's convolutions (Eigen) take, and Flax's. ``eqx.nn.Conv2d`` stores OIHW,
+    which costs a kernel transpose per call and, worse, the transpose of each kernel gradient back to
+    OIHW fused into every optimizer and EMA update that reads it: strided reads of ``(o, i, 3, 3)``
+    arrays, 0.24 s of thread time per step for the seed's model against 0.10 s stored HWIO
+    (benchmarks/RESULTS.md). Initialised as ``eqx.nn.Conv2d`` and torch: weight and bias uniform in
+    +-1/sqrt(fan_in). Checkpoints written with OIHW kernels are converted on restore
+    (``kernels_as_oihw`` / ``kernels_from_oihw``).
     """
-    weight = conv.weight if weight is None else weight
-    if conv.padding_mode != "ZEROS" or conv.groups != 1:
-        raise NotImplementedError("conv_hwc supports zero padding and groups=1")
-    if weight.shape[2:] == (1, 1) and conv.stride == (1, 1) and conv.padding == ((0, 0), (0, 0)):
-        out = x @ weight[:, :, 0, 0].T
-    else:
-        out = jax.lax.conv_general_dilated(
-            x[None], jnp.transpose(weight, (2, 3, 1, 0)), window_strides=conv.stride, padding=conv.padding,
-            rhs_dilation=conv.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )[0]
-    return out if conv.bias is None else out + conv.bias.reshape(-1)
+
+    weight: Float[Array, "kh kw i o"]
+    bias: Float[Array, " o"] | None
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+        use_bias: bool = True, key: Key,
+    ):
+        wkey, bkey = jax.random.split(key)
+        limit = 1 / math.sqrt(in_channels * kernel_size**2)
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.weight = jax.random.uniform(wkey, shape, minval=-limit, maxval=limit)
+        self.bias = jax.random.uniform(bkey, (out_channels,), minval=-limit, maxval=limit) if use_bias else None
+        self.stride, self.padding = stride, padding
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[3]
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h2 w2"]:
+        return to_chw(self.hwc(to_hwc(x)))
+
+    def hwc(self, x: Float[Array, "h w c"], weight: Float[Array, "kh kw i o"] | None = None) -> Float[Array, "h2 w2 o"]:
+        """``self(x)`` on a channels-last image, optionally with another kernel (a standardised one)."""
+        weight = self.weight if weight is None else weight
+        if weight.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
+            out = x @ weight[0, 0]  # a 1x1 convolution is a matmul over pixels
+        else:
+            p = self.padding
+            out = jax.lax.conv_general_dilated(
+                x[None], weight, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )[0]
+        return out if self.bias is None else out + self.bias
+
+
+def _relayout_convs(tree: PyTree, weight: Callable[[Any], Any], bias: Callable[[Any], Any]) -> PyTree:
+    def convert(node: Any) -> Any:
+        if not isinstance(node, Conv2d):
+            return node
+        return eqx.tree_at(lambda c: (c.weight, c.bias), node, (weight(node.weight), bias(node.bias)),
+                           is_leaf=lambda x: x is None)
+
+    return jax.tree_util.tree_map(convert, tree, is_leaf=lambda x: isinstance(x, Conv2d))
+
+
+def _reshaped(x: Any, shape: tuple[int, ...], perm: tuple[int, ...] | None = None) -> Any:
+    """``x`` (array, ``jax.ShapeDtypeStruct`` or None) transposed by ``perm``, then reshaped to ``shape``."""
+    if x is None:
+        return None
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+    return (x if perm is None else jnp.transpose(x, perm)).reshape(shape)
+
+
+def kernels_as_oihw(tree: PyTree) -> PyTree:
+    """``tree`` with every ``Conv2d`` as ``eqx.nn.Conv2d`` stores one (weight ``o i kh kw``, bias ``o 1 1``):
+    the layout of checkpoints written before ddpm-eqx stored kernels HWIO. Works on any pytree holding
+    the modules (a train state, its optimizer state) with array or ``jax.ShapeDtypeStruct`` leaves."""
+    return _relayout_convs(
+        tree,
+        lambda w: _reshaped(w, (w.shape[3], w.shape[2], w.shape[0], w.shape[1]), (3, 2, 0, 1)),
+        lambda b: _reshaped(b, (b.shape[0], 1, 1)) if b is not None else None,
+    )
+
+
+def kernels_from_oihw(tree: PyTree) -> PyTree:
+    """The inverse of ``kernels_as_oihw``: OIHW weights and ``o 1 1`` biases back to ``Conv2d``'s layout."""
+    return _relayout_convs(
+        tree,
+        lambda w: _reshaped(w, (w.shape[2], w.shape[3], w.shape[1], w.shape[0]), (2, 3, 1, 0)),
+        lambda b: _reshaped(b, (b.shape[0],)) if b is not None else None,
+    )
 
 
 def group_norm_hwc(norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
@@ -144,9 +216,10 @@ def group_norm_hwc(norm: eqx.nn.GroupNorm, x: Float[Array, "h w c"]) -> Float[Ar
     return out.astype(x.dtype)
 
 
-def standardise_weight(weight: Float[Array, "o i kh kw"], eps: float) -> Float[Array, "o i kh kw"]:
-    """Weight standardisation (Qiao et al. 2019, eq. 5): zero mean, unit variance per output channel."""
-    axes = tuple(range(1, weight.ndim))
+def standardise_weight(weight: Float[Array, "kh kw i o"], eps: float) -> Float[Array, "kh kw i o"]:
+    """Weight standardisation (Qiao et al. 2019, eq. 5): zero mean, unit variance per output channel
+    (the last axis of an HWIO kernel)."""
+    axes = tuple(range(weight.ndim - 1))
     mean = jnp.mean(weight, axis=axes, keepdims=True)
     var = jnp.var(weight, axis=axes, keepdims=True)  # biased, as torch.var(unbiased=False)
     return (weight - mean) * jax.lax.rsqrt(var + eps)
@@ -155,16 +228,16 @@ def standardise_weight(weight: Float[Array, "o i kh kw"], eps: float) -> Float[A
 class WSConv2d(eqx.Module):
     """A convolution whose kernel is standardised on every call; pairs with GroupNorm (Qiao et al. 2019)."""
 
-    conv: eqx.nn.Conv2d
+    conv: Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, key: Key):
-        self.conv = eqx.nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, key=key)
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, key=key)
 
     def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h w"]:
         return to_chw(self.hwc(to_hwc(x)))
 
     def hwc(self, x: Float[Array, "h w c"]) -> Float[Array, "h w o"]:
-        return conv_hwc(self.conv, x, standardise_weight(self.conv.weight, _eps(x)))
+        return self.conv.hwc(x, standardise_weight(self.conv.weight, _eps(x)))
 
 
 ScaleShift = tuple[Float[Array, "o *_"], Float[Array, "o *_"]]
@@ -217,7 +290,7 @@ class ResnetBlock(eqx.Module):
     time_proj: eqx.nn.Linear
     block1: Block
     block2: Block
-    res_conv: eqx.nn.Conv2d | None
+    res_conv: Conv2d | None
 
     def __init__(
         self, dim_in: int, dim_out: int, *, time_dim: int, groups: int, dropout: float = 0.0, key: Key
@@ -227,7 +300,7 @@ class ResnetBlock(eqx.Module):
         # Dropout sits between the two convolutions (lucidrains; Ho et al. 2020 App. B).
         self.block1 = Block(dim_in, dim_out, groups=groups, dropout=dropout, key=k1)
         self.block2 = Block(dim_out, dim_out, groups=groups, dropout=0.0, key=k2)
-        self.res_conv = eqx.nn.Conv2d(dim_in, dim_out, 1, key=kr) if dim_in != dim_out else None
+        self.res_conv = Conv2d(dim_in, dim_out, 1, key=kr) if dim_in != dim_out else None
 
     def __call__(
         self,
@@ -250,7 +323,7 @@ class ResnetBlock(eqx.Module):
         scale, shift = jnp.split(self.time_proj(jax.nn.silu(t_emb)), 2)
         h = self.block1.hwc(x, (scale, shift), key=key, inference=inference)
         h = self.block2.hwc(h)
-        return h + (x if self.res_conv is None else conv_hwc(self.res_conv, x))
+        return h + (x if self.res_conv is None else self.res_conv.hwc(x))
 
 
 class ChannelLayerNorm(eqx.Module):
@@ -273,7 +346,7 @@ class ChannelLayerNorm(eqx.Module):
 QKV = tuple[Float[Array, "n heads d"], Float[Array, "n heads d"], Float[Array, "n heads d"]]
 
 
-def project_qkv(to_qkv: eqx.nn.Conv2d, x: Float[Array, "h w c"], heads: int) -> QKV:
+def project_qkv(to_qkv: Conv2d, x: Float[Array, "h w c"], heads: int) -> QKV:
     """Queries, keys and values ``(pixels, heads, d)`` of the 1x1 convolution ``to_qkv`` (no bias).
 
     Three ``(pixels, c) @ (c, heads * d)`` matmuls on slices of the one weight rather than one matmul
@@ -282,9 +355,9 @@ def project_qkv(to_qkv: eqx.nn.Conv2d, x: Float[Array, "h w c"], heads: int) -> 
     """
     h, w, c = x.shape
     pixels = x.reshape(h * w, c)
-    weight = to_qkv.weight[:, :, 0, 0]
-    n = weight.shape[0] // 3
-    q, k, v = ((pixels @ weight[i * n : (i + 1) * n].T).reshape(h * w, heads, n // heads) for i in range(3))
+    weight = to_qkv.weight[0, 0]
+    n = weight.shape[1] // 3
+    q, k, v = ((pixels @ weight[:, i * n : (i + 1) * n]).reshape(h * w, heads, n // heads) for i in range(3))
     return q, k, v
 
 
@@ -295,16 +368,16 @@ class LinearAttention(eqx.Module):
     built first and the cost is linear in the number of pixels. Output: 1x1 conv then LayerNorm.
     """
 
-    to_qkv: eqx.nn.Conv2d
-    to_out: eqx.nn.Conv2d
+    to_qkv: Conv2d
+    to_out: Conv2d
     norm: ChannelLayerNorm
     heads: int = eqx.field(static=True)
     dim_head: int = eqx.field(static=True)
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, key: Key):
         kq, ko = jax.random.split(key)
-        self.to_qkv = eqx.nn.Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
-        self.to_out = eqx.nn.Conv2d(heads * dim_head, dim, 1, key=ko)
+        self.to_qkv = Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
+        self.to_out = Conv2d(heads * dim_head, dim, 1, key=ko)
         self.norm = ChannelLayerNorm(dim)
         self.heads, self.dim_head = heads, dim_head
 
@@ -319,23 +392,23 @@ class LinearAttention(eqx.Module):
         v = v / (h * w)  # the seed's (and lucidrains 2022) rescaling; keeps the context O(1)
         context = jnp.einsum("nhd,nhe->hde", k, v)
         out = jnp.einsum("hde,nhd->nhe", context, q)
-        return self.norm.hwc(conv_hwc(self.to_out, out.reshape(h, w, -1)))
+        return self.norm.hwc(self.to_out.hwc(out.reshape(h, w, -1)))
 
 
 class Attention(eqx.Module):
     """Full softmax self-attention over pixels (Vaswani et al. 2017) with l2-normalised queries and keys
     and a fixed temperature of 10 (query-key normalisation, Henry et al. 2020), as in the seed."""
 
-    to_qkv: eqx.nn.Conv2d
-    to_out: eqx.nn.Conv2d
+    to_qkv: Conv2d
+    to_out: Conv2d
     heads: int = eqx.field(static=True)
     dim_head: int = eqx.field(static=True)
     scale: float = eqx.field(static=True)
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, key: Key, scale: float = 10.0):
         kq, ko = jax.random.split(key)
-        self.to_qkv = eqx.nn.Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
-        self.to_out = eqx.nn.Conv2d(heads * dim_head, dim, 1, key=ko)
+        self.to_qkv = Conv2d(dim, 3 * heads * dim_head, 1, use_bias=False, key=kq)
+        self.to_out = Conv2d(heads * dim_head, dim, 1, key=ko)
         self.heads, self.dim_head, self.scale = heads, dim_head, scale
 
     def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
@@ -347,7 +420,7 @@ class Attention(eqx.Module):
         q, k = (u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12) for u in (q, k))
         attn = jax.nn.softmax(jnp.einsum("ihd,jhd->hij", q, k) * self.scale, axis=-1)
         out = jnp.einsum("hij,jhd->ihd", attn, v)
-        return conv_hwc(self.to_out, out.reshape(h, w, -1))
+        return self.to_out.hwc(out.reshape(h, w, -1))
 
 
 class PreNormResidual(eqx.Module):
@@ -367,15 +440,15 @@ class Downsample(eqx.Module):
     """Halve the resolution: a 4x4 stride-2 conv, or pixel-unshuffle (Shi et al. 2016) + a 1x1 conv,
     which loses no information before the projection."""
 
-    conv: eqx.nn.Conv2d
+    conv: Conv2d
     pixel_unshuffle: bool = eqx.field(static=True)
 
     def __init__(self, dim_in: int, dim_out: int, *, kind: Literal["conv", "pixel_unshuffle"], key: Key):
         self.pixel_unshuffle = kind == "pixel_unshuffle"
         if self.pixel_unshuffle:
-            self.conv = eqx.nn.Conv2d(4 * dim_in, dim_out, 1, key=key)
+            self.conv = Conv2d(4 * dim_in, dim_out, 1, key=key)
         else:
-            self.conv = eqx.nn.Conv2d(dim_in, dim_out, 4, stride=2, padding=1, key=key)
+            self.conv = Conv2d(dim_in, dim_out, 4, stride=2, padding=1, key=key)
 
     def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h2 w2"]:
         return to_chw(self.hwc(to_hwc(x)))
@@ -385,7 +458,7 @@ class Downsample(eqx.Module):
             h, w, c = x.shape
             # (h p1) (w p2) c -> h w (c p1 p2): the channel order of the channels-first version
             x = x.reshape(h // 2, 2, w // 2, 2, c).transpose(0, 2, 4, 1, 3).reshape(h // 2, w // 2, 4 * c)
-        return conv_hwc(self.conv, x)
+        return self.conv.hwc(x)
 
 
 def upsample_nearest(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
@@ -405,13 +478,13 @@ class Upsample(eqx.Module):
     """Double the resolution: nearest-neighbour then a 3x3 conv (Odena et al. 2016: no checkerboard;
     also ~3x faster than a transposed conv on XLA:CPU)."""
 
-    conv: eqx.nn.Conv2d
+    conv: Conv2d
 
     def __init__(self, dim_in: int, dim_out: int, *, key: Key):
-        self.conv = eqx.nn.Conv2d(dim_in, dim_out, 3, padding=1, key=key)
+        self.conv = Conv2d(dim_in, dim_out, 3, padding=1, key=key)
 
     def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "o h2 w2"]:
         return to_chw(self.hwc(to_hwc(x)))
 
     def hwc(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 o"]:
-        return conv_hwc(self.conv, upsample_nearest(x))
+        return self.conv.hwc(upsample_nearest(x))

@@ -21,6 +21,7 @@ from ddpm_eqx.config import ModelConfig
 from ddpm_eqx.layers import (
     Attention,
     ChannelLayerNorm,
+    Conv2d,
     Downsample,
     Fourier,
     FourierFeatures,
@@ -29,7 +30,6 @@ from ddpm_eqx.layers import (
     ResnetBlock,
     TimeEmbedding,
     Upsample,
-    conv_hwc,
     to_chw,
     to_hwc,
 )
@@ -57,7 +57,7 @@ class DownLevel(eqx.Module):
     block1: ResnetBlock
     block2: ResnetBlock
     attn: PreNormResidual
-    down: Downsample | eqx.nn.Conv2d
+    down: Downsample | Conv2d
 
 
 class UpLevel(eqx.Module):
@@ -66,7 +66,7 @@ class UpLevel(eqx.Module):
     block1: ResnetBlock
     block2: ResnetBlock
     attn: PreNormResidual
-    up: Upsample | eqx.nn.Conv2d
+    up: Upsample | Conv2d
 
 
 class UNet(eqx.Module):
@@ -75,7 +75,7 @@ class UNet(eqx.Module):
     features, dropout, and class labels with a null class for classifier-free guidance (Ho & Salimans 2022).
     """
 
-    init_conv: eqx.nn.Conv2d
+    init_conv: Conv2d
     time_embedding: TimeEmbedding
     class_embedding: eqx.nn.Embedding | None
     downs: tuple[DownLevel, ...]
@@ -84,7 +84,7 @@ class UNet(eqx.Module):
     mid_block2: ResnetBlock
     ups: tuple[UpLevel, ...]
     final_block: ResnetBlock
-    final_conv: eqx.nn.Conv2d
+    final_conv: Conv2d
     channels: int = eqx.field(static=True)
     out_dim: int = eqx.field(static=True)
     image_size: tuple[int, int] = eqx.field(static=True)
@@ -134,7 +134,7 @@ class UNet(eqx.Module):
             return PreNormResidual(ChannelLayerNorm(d), layer)
 
         in_channels = channels * (2 if self_condition else 1)
-        self.init_conv = eqx.nn.Conv2d(in_channels, init_dim, 7, padding=3, key=next(keys))
+        self.init_conv = Conv2d(in_channels, init_dim, 7, padding=3, key=next(keys))
         features: Fourier = (
             "random" if random_fourier_features else "learned" if learned_sinusoidal_cond else "sinusoidal"
         )
@@ -156,7 +156,7 @@ class UNet(eqx.Module):
                 resnet(d_in, d_in),
                 resnet(d_in, d_in),
                 attention(d_in, linear=True),
-                eqx.nn.Conv2d(d_in, d_out, 3, padding=1, key=next(keys)) if i == last
+                Conv2d(d_in, d_out, 3, padding=1, key=next(keys)) if i == last
                 else Downsample(d_in, d_out, kind=downsample, key=next(keys)),
             )
             for i, (d_in, d_out) in enumerate(in_out)
@@ -170,13 +170,13 @@ class UNet(eqx.Module):
                 resnet(d_out + d_in, d_out),
                 resnet(d_out + d_in, d_out),
                 attention(d_out, linear=True),
-                eqx.nn.Conv2d(d_out, d_in, 3, padding=1, key=next(keys)) if i == last
+                Conv2d(d_out, d_in, 3, padding=1, key=next(keys)) if i == last
                 else Upsample(d_out, d_in, key=next(keys)),
             )
             for i, (d_in, d_out) in enumerate(reversed(in_out))
         )
         self.final_block = resnet(2 * init_dim, dim)
-        self.final_conv = eqx.nn.Conv2d(dim, self.out_dim, 1, key=next(keys))
+        self.final_conv = Conv2d(dim, self.out_dim, 1, key=next(keys))
 
     @jaxtyped(typechecker=beartype)
     def __call__(
@@ -205,14 +205,14 @@ class UNet(eqx.Module):
         def cat(a: Float[Array, "h w c1"], b: Float[Array, "h w c2"]) -> Float[Array, "h w c"]:
             return jnp.concatenate([a, b], axis=-1)
 
-        x = conv_hwc(self.init_conv, to_hwc(x))
+        x = self.init_conv.hwc(to_hwc(x))
         skips = [x]
         for level in self.downs:
             x = resnet(level.block1, x)
             skips.append(x)
             x = level.attn.hwc(resnet(level.block2, x))
             skips.append(x)
-            x = conv_hwc(level.down, x) if isinstance(level.down, eqx.nn.Conv2d) else level.down.hwc(x)
+            x = level.down.hwc(x)
 
         x = resnet(self.mid_block2, self.mid_attn.hwc(resnet(self.mid_block1, x)))
 
@@ -220,10 +220,10 @@ class UNet(eqx.Module):
             x = resnet(up.block1, cat(x, skips.pop()))
             x = resnet(up.block2, cat(x, skips.pop()))
             x = up.attn.hwc(x)
-            x = conv_hwc(up.up, x) if isinstance(up.up, eqx.nn.Conv2d) else up.up.hwc(x)
+            x = up.up.hwc(x)
 
         x = resnet(self.final_block, cat(x, skips.pop()))
-        return to_chw(conv_hwc(self.final_conv, x))
+        return to_chw(self.final_conv.hwc(x))
 
     def _check_call(self, x: Array, label: Array | None, key: Key | None, inference: bool) -> None:
         # Shapes are static under jit, so these checks cost nothing after tracing.

@@ -347,3 +347,34 @@ def test_sigkill_at_ten_random_moments_still_ends_bitwise_equal(reference_run, f
                       for d in (ref_dir, workdir))
     assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in ref_rows]
     assert [r["step"] for r in rows] == list(range(2, steps + 1, 2))
+
+
+LEGACY_OIHW = Path(__file__).parent / "data" / "legacy_oihw"
+
+
+def test_a_checkpoint_of_an_older_version_with_oihw_kernels_restores_as_the_same_state():
+    """tests/data/legacy_oihw was written by ddpm-eqx 31589f9, whose convolution kernels were eqx.nn.Conv2d's
+    (OIHW weights, (o, 1, 1) biases): a tiny self-conditioned, class-conditional U-Net after two Adam steps,
+    with its outputs for one input (tests/data/make_legacy_oihw.py). Restored now, the model and its EMA
+    compute the same function and the optimizer moments sit with their (now HWIO) kernels."""
+    import jax.numpy as jnp
+
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.config import from_dict
+    from ddpm_eqx.train import state_skeleton
+
+    cfg = from_dict(json.loads((LEGACY_OIHW / "config.json").read_text()))
+    ckpt = Checkpointer(LEGACY_OIHW / "checkpoints", read_only=True)
+    step, state, _, meta = ckpt.restore_latest(state_skeleton(cfg))
+    ckpt.close()
+    assert step == meta["step"] == 2
+    ref = np.load(LEGACY_OIHW / "reference.npz")
+    for name in ("model", "ema_model"):
+        out = getattr(state, name)(jnp.asarray(ref["x"]), jnp.asarray(ref["t"]),
+                                   x_self_cond=jnp.asarray(ref["x_self_cond"]), label=jnp.asarray(ref["label"]))
+        np.testing.assert_allclose(out, ref[name], rtol=1e-5, atol=1e-5)
+    adam = state.opt_state[0]
+    np.testing.assert_array_equal(adam.mu.init_conv.weight, ref["mu_init_conv_weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(adam.nu.init_conv.bias, ref["nu_init_conv_bias"].reshape(-1))
+    np.testing.assert_array_equal(adam.mu.downs[0].attn.fn.to_qkv.weight, ref["mu_to_qkv_weight"].transpose(2, 3, 1, 0))
+    assert int(adam.count) == 2

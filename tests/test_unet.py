@@ -18,12 +18,15 @@ from ddpm_eqx.config import ModelConfig
 from ddpm_eqx.layers import (
     Attention,
     ChannelLayerNorm,
+    Conv2d,
     Downsample,
     LinearAttention,
     PreNormResidual,
     TimeEmbedding,
     WSConv2d,
     group_norm_hwc,
+    kernels_as_oihw,
+    kernels_from_oihw,
     standardise_weight,
     to_chw,
     to_hwc,
@@ -204,12 +207,13 @@ def test_wrong_channels_or_size_raises(plain):
 
 
 def test_weight_standardisation_zero_mean_unit_variance():
-    raw = 3.0 * normal((5, 4, 3, 3)) + jnp.arange(5.0)[:, None, None, None]
+    # Per output channel: the last axis of an HWIO kernel.
+    raw = 3.0 * normal((3, 3, 4, 5)) + jnp.arange(5.0)
     eps = 1e-5
     w = standardise_weight(raw, eps)
-    raw_var = jnp.var(raw, axis=(1, 2, 3))
-    np.testing.assert_allclose(jnp.mean(w, axis=(1, 2, 3)), 0.0, atol=1e-6)
-    np.testing.assert_allclose(jnp.var(w, axis=(1, 2, 3)), raw_var / (raw_var + eps), rtol=1e-5)
+    raw_var = jnp.var(raw, axis=(0, 1, 2))
+    np.testing.assert_allclose(jnp.mean(w, axis=(0, 1, 2)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(jnp.var(w, axis=(0, 1, 2)), raw_var / (raw_var + eps), rtol=1e-5)
 
 
 def test_channels_last_group_norm_is_equinox_group_norm():
@@ -239,6 +243,31 @@ def test_upsample_gradient_sums_each_2x2_block():
     tangent = normal((3, 5, 4), 3)
     _, out_tangent = jax.jvp(upsample_nearest, (x,), (tangent,))
     np.testing.assert_array_equal(out_tangent, jnp.repeat(jnp.repeat(tangent, 2, axis=0), 2, axis=1))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(1, 1, 0, True), (1, 1, 0, False), (3, 1, 1, True),
+                                                         (4, 2, 1, True), (7, 1, 3, True)])
+def test_conv2d_is_equinox_conv2d_with_the_kernel_stored_hwio(kernel, stride, padding, bias):
+    conv = Conv2d(6, 5, kernel, stride=stride, padding=padding, use_bias=bias, key=key(0))
+    conv = eqx.tree_at(lambda c: c.bias, conv, None if conv.bias is None else normal((5,), 1), is_leaf=lambda x: x is None)
+    reference = eqx.nn.Conv2d(6, 5, kernel, stride=stride, padding=padding, use_bias=bias, key=key(1))
+    oihw = kernels_as_oihw(conv)
+    reference = eqx.tree_at(lambda c: (c.weight, c.bias), reference, (oihw.weight, oihw.bias), is_leaf=lambda x: x is None)
+    x = normal((6, 8, 8), 2)
+    np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    back = kernels_from_oihw(oihw)
+    assert jax.tree.structure(back) == jax.tree.structure(conv)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(conv)))
+
+
+def test_conv2d_initialises_as_equinox_and_torch():
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias: std limit/sqrt(3).
+    conv = Conv2d(64, 128, 3, key=key(0))
+    limit = 1 / np.sqrt(64 * 9)
+    assert conv.weight.shape == (3, 3, 64, 128) and conv.bias.shape == (128,)
+    assert float(jnp.max(jnp.abs(conv.weight))) <= limit and float(jnp.max(jnp.abs(conv.bias))) <= limit
+    assert float(jnp.std(conv.weight)) == pytest.approx(limit / np.sqrt(3), rel=0.02)
+    assert float(jnp.min(conv.weight)) < -0.99 * limit and float(jnp.max(conv.weight)) > 0.99 * limit
 
 
 def test_ws_conv_ignores_kernel_affine_rescaling():
@@ -274,7 +303,7 @@ def test_full_attention_of_constant_image_is_value_projection():
 def test_pixel_unshuffle_moves_each_pixel_to_a_channel():
     down = Downsample(2, 8, kind="pixel_unshuffle", key=key(0))
     down = eqx.tree_at(lambda d: (d.conv.weight, d.conv.bias), down,
-                       (jnp.eye(8)[:, :, None, None], jnp.zeros((8, 1, 1))))
+                       (jnp.eye(8)[None, None], jnp.zeros(8)))
     x = normal((2, 4, 6))
     out = down(x)
     for c, p1, p2 in np.ndindex(2, 2, 2):

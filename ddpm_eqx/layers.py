@@ -391,8 +391,14 @@ class LinearAttention(eqx.Module):
         k = jax.nn.softmax(k, axis=0)
         v = v / (h * w)  # the seed's (and lucidrains 2022) rescaling; keeps the context O(1)
         context = jnp.einsum("nhd,nhe->hde", k, v)
-        out = jnp.einsum("hde,nhd->nhe", context, q)
-        return self.norm.hwc(self.to_out.hwc(out.reshape(h, w, -1)))
+        # to_out folded into the context: sum_e context[h,d,e] W_out[(h,e),c] is a tiny (heads*d, c) matrix,
+        # so the output is one (pixels, heads*d) @ (heads*d, c) matmul. Same function; it skips a per-head
+        # batched matmul whose operands XLA:CPU transposes (train step 2-4% faster, interleaved A/B).
+        w_out = self.to_out.weight[0, 0].reshape(self.heads, self.dim_head, -1)
+        folded = jnp.einsum("hde,hec->hdc", context, w_out).reshape(self.heads * self.dim_head, -1)
+        out = q.reshape(h * w, -1) @ folded
+        out = out if self.to_out.bias is None else out + self.to_out.bias
+        return self.norm.hwc(out.reshape(h, w, -1))
 
 
 class Attention(eqx.Module):

@@ -292,6 +292,32 @@ def test_attention_is_permutation_equivariant(cls):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_linear_attention_matches_its_definition_head_by_head():
+    # Shen et al.'s efficient attention written out per head in numpy (float64), against the layer, whose
+    # output projection is folded into the context; random bias and LayerNorm gain so nothing is trivial.
+    heads, d, c, hw = 3, 4, 6, (5, 7)
+    layer = LinearAttention(c, heads=heads, dim_head=d, key=key(0))
+    layer = eqx.tree_at(lambda m: (m.to_out.bias, m.norm.gain), layer, (normal((c,), 1), normal((c, 1, 1), 2)))
+    x = normal((c, *hw), 3)
+    n = hw[0] * hw[1]
+    pixels = np.asarray(x, np.float64).reshape(c, n).T  # (n, c)
+    w_qkv = np.asarray(layer.to_qkv.weight[0, 0], np.float64)  # (c, 3 * heads * d)
+    q, k, v = (pixels @ w_qkv[:, i * heads * d:(i + 1) * heads * d] for i in range(3))
+
+    def softmax(a, axis):
+        e = np.exp(a - a.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    outs = []
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        qh, kh, vh = softmax(q[:, cols], 1) * d**-0.5, softmax(k[:, cols], 0), v[:, cols] / n
+        outs.append(qh @ (kh.T @ vh))
+    y = np.concatenate(outs, axis=1) @ np.asarray(layer.to_out.weight[0, 0], np.float64) + np.asarray(layer.to_out.bias)
+    y = (y - y.mean(1, keepdims=True)) / np.sqrt(y.var(1, keepdims=True) + 1e-5) * np.asarray(layer.norm.gain).reshape(-1)
+    np.testing.assert_allclose(layer(x), y.T.reshape(c, *hw), rtol=1e-4, atol=1e-5)
+
+
 def test_full_attention_of_constant_image_is_value_projection():
     # Identical pixels: every softmax row averages identical values, whatever the weights.
     layer = Attention(8, heads=2, dim_head=4, key=key(0))

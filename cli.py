@@ -142,7 +142,7 @@ def train(
 ) -> None:
     """Train a model; resumes automatically from the newest checkpoint in --workdir."""
     _init_runtime(host_devices, coordinator, num_processes, process_id)
-    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx.config import ConfigError
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
@@ -163,6 +163,8 @@ def train(
     if jax.process_index() == 0:  # one process owns config.json (others would race on it)
         _prepare_workdir(workdir, cfg, force)
     warn_if_undersized_machine(cfg)
+    if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
+        quiet_failed_async_saves()
     try:
         result = run_train(cfg, workdir, restore_from=restore_from, progress=progress)
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: e.g. EACCES

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +54,47 @@ def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
     return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
+def is_write_failure(e: BaseException) -> bool:
+    """A failed file write: an ``OSError``, or tensorstore's ``ValueError`` carrying RESOURCE_EXHAUSTED or an
+    ``os_error_code`` (how Orbax reports a full disk)."""
+    text = str(e)
+    return isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "os_error_code" in text
+
+
+class _WriteFailureEcho(logging.Filter):
+    """Drops Orbax's and asyncio's own reports of a failed checkpoint write (one per background thread and
+    task, each with a traceback): the failure reaches the caller once, as a ``CheckpointError``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and error is not None and is_write_failure(error))
+
+
+def quiet_failed_async_saves() -> None:
+    """For applications (the CLI): after an asynchronous save fails, Orbax's threads and tensorstore's
+    callbacks report it dozens of times (error logs with tracebacks, and "Event loop is closed" from
+    callbacks into the event loop Orbax closed). Keep the one ``CheckpointError`` instead: drop those
+    log records, and those unraisable exceptions. Other errors and exceptions are untouched."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WriteFailureEcho) for f in logger.filters):
+            logger.addFilter(_WriteFailureEcho())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    if getattr(previous, "__name__", "") != "_quiet_unraisable":
+        hook.__name__ = "_quiet_unraisable"
+        sys.unraisablehook = hook
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _fix_for(reason: str) -> str:
     """What to do about a failed write, by its reason (an OSError's strerror or tensorstore's text)."""
     if "No space left" in reason:
@@ -72,6 +114,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+        self._pending: int | None = None  # the step of an asynchronous save that may still be running
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -79,6 +122,8 @@ class Checkpointer:
     def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
         """Start an (asynchronous) save; a failure of this or the previous save is a ``CheckpointError``."""
         arrays = eqx.filter(state, eqx.is_array)
+        self.wait()  # Orbax waits for the previous save anyway; here its failure is reported as its own step
+        self._check_space(step, arrays)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
             data=ocp.args.JsonSave(data_state or {}),
@@ -86,10 +131,30 @@ class Checkpointer:
         )
         with self._clear_errors(step):
             self.manager.save(step, args=args, force=True)
+        self._pending = step
 
     def wait(self) -> None:
-        with self._clear_errors(None):
+        """Wait for the asynchronous save in flight; its failure is a ``CheckpointError`` naming its step."""
+        pending, self._pending = self._pending, None
+        with self._clear_errors(pending):
             self.manager.wait_until_finished()
+
+    def _check_space(self, step: int, arrays: PyTree) -> None:
+        """Refuse a save that cannot fit, before anything is written (a disk that fills mid-write fails
+        Orbax's background threads one by one). The estimate is meant as a lower bound of a trained
+        state's checkpoint: 0.95 of the array bytes (random float32 data compressed to 0.98 here) plus
+        512 bytes per array (Orbax's per-array metadata measured 800-900). A fresh state full of zeros
+        compresses further (to 0.52), so its save may be refused when the disk is within one checkpoint
+        of full, where the next save would fail anyway. Single-process only: processes that disagreed
+        (their disks, or the moment they looked) would leave the others waiting in Orbax's save barrier."""
+        if jax.process_count() > 1:
+            return
+        leaves = jax.tree_util.tree_leaves(arrays)
+        needed = int(0.95 * sum(x.size * x.dtype.itemsize for x in leaves)) + 512 * len(leaves)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            reason = f"No space left on device (it needs ~{_mb(needed)}, {_mb(free)} free)"
+            raise self.write_failure(f"a checkpoint at step {step} in {self.directory}", reason, failed_step=step)
 
     @contextlib.contextmanager
     def _clear_errors(self, step: int | None) -> Iterator[None]:
@@ -99,7 +164,7 @@ class Checkpointer:
             # Disk full arrives as OSError or as tensorstore's ValueError("RESOURCE_EXHAUSTED ... [os_error_code='28']");
             # Orbax leaves the partial write in a *.orbax-checkpoint-tmp dir that it never lists as a step.
             text = str(e)
-            if not isinstance(e, OSError) and "RESOURCE_EXHAUSTED" not in text and "os_error_code" not in text:
+            if not is_write_failure(e):
                 raise
             reason = "No space left on device" if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
             what = f"a checkpoint{'' if step is None else f' at step {step}'} in {self.directory}"
@@ -126,9 +191,13 @@ class Checkpointer:
         return moved
 
     def close(self) -> None:
-        with self._clear_errors(None):
-            self.manager.wait_until_finished()
-            self.manager.close()
+        try:
+            self.wait()
+        except CheckpointError:
+            with contextlib.suppress(Exception):  # Orbax raises the same failure again
+                self.manager.close()
+            raise
+        self.manager.close()
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         result = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -198,4 +267,4 @@ class Checkpointer:
         return None
 
 
-__all__ = ["Checkpointer", "CheckpointError"]
+__all__ = ["Checkpointer", "CheckpointError", "is_write_failure", "quiet_failed_async_saves"]

@@ -1,0 +1,280 @@
+"""ddpm-eqx command line: train, sample, data. Thin: parse, resolve the config, call one function.
+
+Every expected failure (bad flag value, missing data or checkpoint, NaN loss) ends in one line on
+stderr naming the problem and the fix, and exit code 2 (usage/config) or 1 (runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Denoising diffusion (DDPM/DDIM) in JAX + Equinox.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets.")
+app.add_typer(data_app, name="data")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Keys that may change between a run and its resumption without it being a different run.
+RESUMABLE_KEYS = {"training.num_train_steps", "training.log_every_steps", "training.save_and_sample_every",
+                  "training.num_sample", "training.max_to_keep", "training.eval_every", "data.num_workers",
+                  "data.prefetch", "data.data_dir", "data.manual_dir", "data.cache"}
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One line on stderr and exit ``code``; DDPM_EQX_DEBUG=1 shows the traceback instead."""
+    if os.environ.get("DDPM_EQX_DEBUG") and sys.exc_info()[0] is not None:
+        raise
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
+    """XLA's allocation failure (jax.errors.JaxRuntimeError) as one line; other errors pass through."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text and "memory" in text.lower():
+        fail(f"out of memory with {what} ({text.splitlines()[0][:120]}); {fix}; checkpoints are untouched", 1)
+
+
+def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_processes: Optional[int],
+                  process_id: Optional[int]) -> None:
+    """Device count on CPU and multi-process start-up; must run before JAX touches a backend."""
+    from ddpm_eqx.parallel import set_host_device_count
+
+    set_host_device_count(host_devices)
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Persistent XLA cache: a resumed or repeated run skips the ~20 s compiles of its train step and
+        # sampler. JAX_COMPILATION_CACHE_DIR (JAX's own variable) points it elsewhere.
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        jax.config.update("jax_compilation_cache_dir", str(cache_home / "ddpm_eqx" / "xla"))
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        # JAX's default (1 s) leaves out the ~0.3 s compile per weight shape of a fresh model's init.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+
+
+def resolve_config(dataset: Optional[str], config_file: Optional[Path], overrides: list[str]):  # noqa: ANN201
+    from ddpm_eqx import config as C
+
+    if config_file is not None:
+        cfg = C.load_config_file(config_file)
+    elif dataset is not None and (CONFIG_DIR / f"{dataset}.py").is_file():
+        cfg = C.load_config_file(CONFIG_DIR / f"{dataset}.py")
+    elif dataset is not None:
+        import dataclasses
+
+        cfg = C.Config()
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
+    else:
+        raise C.ConfigError("give --dataset NAME (e.g. fashion_mnist, or a folder of images) or --config FILE")
+    if dataset is not None and config_file is not None:
+        overrides = [f"data.dataset={dataset}", *overrides]
+    return C.apply_overrides(cfg, overrides)
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for section, values in new.items():
+        if section == "wandb":  # logging only: never makes a different run
+            continue
+        if isinstance(values, dict):
+            for k, v in values.items():
+                before = old.get(section, {}).get(k)
+                if (list(v) if isinstance(v, tuple) else v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
+        elif old.get(section) != values:
+            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+    return diffs
+
+
+def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
+    from ddpm_eqx._io import write_text_atomic
+    from ddpm_eqx.config import to_dict, to_json
+
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to workdir {workdir} ({e.strerror}); pass --workdir to a writable folder")
+    path, text = workdir / "config.json", None
+    if path.is_file():
+        text = path.read_text()
+        try:
+            old = json.loads(text)
+        except ValueError:
+            fail(f"{path} is not valid JSON (edited by hand?); restore it, or use another --workdir", 2)
+        diffs = _config_differences(old, to_dict(cfg))
+        if diffs and not force:
+            fail(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); use another "
+                 "--workdir, or --force to continue it with the new config", 2)
+        if diffs:
+            backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
+            write_text_atomic(backup, text)
+    if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
+        write_text_atomic(path, new)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Optional[str], typer.Option(help="TFDS name (picks configs/NAME.py) or an image folder")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A config file with get_config()")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. optim.lr=2e-4 (repeatable)")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<dataset>)")] = None,
+    restore_from: Annotated[Optional[str], typer.Option(help="Another run's folder, or wandb:ENTITY/PROJECT/NAME:V")] = None,
+    force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
+    host_devices: Annotated[Optional[int], typer.Option(help="XLA devices to split a CPU into (default: cores)")] = None,
+    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process: coordinator host:port")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="Multi-process: process count")] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="Multi-process: this process's index")] = None,
+    progress: Annotated[Optional[bool], typer.Option(help="Progress bar (default: on a terminal)")] = None,
+) -> None:
+    """Train a model; resumes automatically from the newest checkpoint in --workdir."""
+    _init_runtime(host_devices, coordinator, num_processes, process_id)
+    from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
+    from ddpm_eqx.config import ConfigError
+    from ddpm_eqx.data_import import DataError
+    from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
+
+    try:
+        cfg = resolve_config(dataset, config, set_ or [])
+    except ConfigError as e:
+        fail(str(e), 2)
+    workdir = workdir or Path("runs") / Path(cfg.data.dataset).name
+    try:  # everything that can be checked before a workdir is touched
+        validate_setup(cfg)
+    except ConfigError as e:
+        fail(str(e), 2)
+    except DataError as e:
+        fail(str(e).splitlines()[0], 1)
+    import jax
+
+    if jax.process_index() == 0:  # one process owns config.json (others would race on it)
+        _prepare_workdir(workdir, cfg, force)
+    warn_if_undersized_machine(cfg)
+    if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
+        quiet_failed_async_saves()
+    try:
+        result = run_train(cfg, workdir, restore_from=restore_from, progress=progress)
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: e.g. EACCES
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
+    except RuntimeError as e:
+        _fail_if_out_of_memory(e, f"data.batch_size={cfg.data.batch_size}", "lower it with --set data.batch_size=N")
+        raise
+    typer.echo(f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}; run in {workdir}")
+
+
+@app.command()
+def sample(
+    ckpt: Annotated[Path, typer.Option(help="A run folder (or its checkpoints/ folder)")],
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG grid (default: <run>/samples/sample_<step>.png)")] = None,
+    npz: Annotated[Optional[Path], typer.Option(help="Also write the raw images (uint8 NHWC) here")] = None,
+    num: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddpm",
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = None,
+    eta: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: int = 0,
+    label: Annotated[Optional[int], typer.Option(help="Class for a class-conditional model")] = None,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale")] = 1.0,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Save the denoising path of 8 images (.gif/.png)")] = None,
+    host_devices: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
+    _init_runtime(host_devices, None, None, None)
+    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.generate_cli import SampleRequest, run_sample
+
+    if sampler not in ("ddpm", "ddim"):
+        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
+    request = SampleRequest(ckpt=ckpt, step=step, out=out, npz=npz, num=num, batch_size=batch_size,
+                            sampler=sampler, steps=steps, eta=eta, seed=seed, label=label, guidance=guidance,
+                            trajectory=trajectory)
+    try:
+        written = run_sample(request)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        fail(str(e).splitlines()[0], 1)
+    except RuntimeError as e:
+        _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
+        raise
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Annotated[Path, typer.Option(help="A run folder (or its checkpoints/ folder)")],
+    num: Annotated[int, typer.Option(min=2, help="Images to sample and score")] = 10_000,
+    step: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = 100,
+    eta: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: int = 0,
+    metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
+    fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
+    host_devices: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
+    _init_runtime(host_devices, None, None, None)
+    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.data_import import DataError
+    from ddpm_eqx.generate_cli import SampleRequest, draw_images
+
+    if metric not in ("classifier", "inception", "all"):
+        fail(f"--metric {metric!r}: use classifier, inception or all", 2)
+    if sampler not in ("ddpm", "ddim"):
+        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
+    request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
+                            steps=steps if sampler == "ddim" else None, eta=eta, seed=seed)
+    try:
+        from ddpm_eqx.evaluate import evaluate_images
+
+        cfg, images, used_step = draw_images(request)
+        results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        fail(str(e).splitlines()[0], 1)
+    except RuntimeError as e:
+        _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
+        raise
+    results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps, **results}
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2))
+    typer.echo(json.dumps(results, indent=2))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: Annotated[str, typer.Argument(help="TFDS name or image folder / .npz")],
+    data_dir: Annotated[Optional[Path], typer.Option()] = None,
+    manual_dir: Annotated[Optional[Path], typer.Option(help="Archives to use instead of downloading")] = None,
+) -> None:
+    """Prepare a dataset as ArrayRecord (offline from --manual-dir when the archives are there)."""
+    from ddpm_eqx.config import DataConfig
+    from ddpm_eqx.data import prepare_dataset
+    from ddpm_eqx.data_import import DataError
+
+    cfg = DataConfig(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                     manual_dir=str(manual_dir) if manual_dir else None)
+    try:
+        info = prepare_dataset(cfg)
+    except DataError as e:
+        fail(str(e), 1)
+    typer.echo(f"{info.name}: {info.splits} in {info.builder_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

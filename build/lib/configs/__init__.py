@@ -1,0 +1,1 @@
+"""Run configurations: each module exposes ``get_config() -> ddpm_eqx.config.Config``."""

@@ -1,0 +1,3 @@
+"""ddpm-eqx: denoising diffusion (DDPM/DDIM) in JAX + Equinox."""
+
+__version__ = "0.1.0"

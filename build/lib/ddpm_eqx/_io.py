@@ -1,0 +1,16 @@
+"""Small file helpers shared by the CLI, the trainer and the evaluator."""
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a run killed mid-write) sees the old file or the
+    new one, never a truncated mix: write a temporary file beside it, flush it to disk, rename it over."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

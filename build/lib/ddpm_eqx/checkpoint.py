@@ -1,0 +1,270 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the config.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+half-written checkpoint is never listed. A checkpoint that is listed but unreadable (truncated
+or deleted files) is skipped with a warning naming it, and the previous one is used; nothing is
+ever deleted by a restore. Checkpoints of an older ddpm-eqx, whose convolution kernels were stored OIHW
+(``eqx.nn.Conv2d``), are recognised by their shapes and converted to HWIO as they are read.
+
+Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_array`` is False for
+``jax.ShapeDtypeStruct``, so the skeleton is filtered with ``_is_leaf_array`` (see STACK_NOTES).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import equinox as eqx
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jaxtyping import PyTree
+
+from ddpm_eqx.layers import kernels_as_oihw, kernels_from_oihw
+from ddpm_eqx.parallel import P, make_mesh
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message says where it looked and what to do."""
+
+
+class _ShapeMismatch(ValueError):
+    """The stored arrays are not the ones the skeleton expects (another model's checkpoint)."""
+
+
+def _is_mismatch(e: Exception) -> bool:
+    """A readable checkpoint of another model (shapes or tree structure differ), not a damaged one."""
+    text = str(e).lower()
+    return isinstance(e, _ShapeMismatch) or (isinstance(e, ValueError) and "stored shape" in text)
+
+
+def _is_leaf_array(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
+    return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A failed file write: an ``OSError``, or tensorstore's ``ValueError`` carrying RESOURCE_EXHAUSTED or an
+    ``os_error_code`` (how Orbax reports a full disk)."""
+    text = str(e)
+    return isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "os_error_code" in text
+
+
+class _WriteFailureEcho(logging.Filter):
+    """Drops Orbax's and asyncio's own reports of a failed checkpoint write (one per background thread and
+    task, each with a traceback): the failure reaches the caller once, as a ``CheckpointError``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and error is not None and is_write_failure(error))
+
+
+def quiet_failed_async_saves() -> None:
+    """For applications (the CLI): after an asynchronous save fails, Orbax's threads and tensorstore's
+    callbacks report it dozens of times (error logs with tracebacks, and "Event loop is closed" from
+    callbacks into the event loop Orbax closed). Keep the one ``CheckpointError`` instead: drop those
+    log records, and those unraisable exceptions. Other errors and exceptions are untouched."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WriteFailureEcho) for f in logger.filters):
+            logger.addFilter(_WriteFailureEcho())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    if getattr(previous, "__name__", "") != "_quiet_unraisable":
+        hook.__name__ = "_quiet_unraisable"
+        sys.unraisablehook = hook
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _fix_for(reason: str) -> str:
+    """What to do about a failed write, by its reason (an OSError's strerror or tensorstore's text)."""
+    if "No space left" in reason:
+        return "free space there"
+    if "Permission denied" in reason or "Read-only file system" in reason:
+        return "make the folder writable"
+    return "fix that"
+
+
+class Checkpointer:
+    """A thin wrapper around ``ocp.CheckpointManager`` with items ``state``, ``data`` and ``meta``."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        quiet = {"max_to_keep": None, "save_interval_steps": 0} if read_only else {"max_to_keep": max_to_keep}
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+        self._pending: int | None = None  # the step of an asynchronous save that may still be running
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+        """Start an (asynchronous) save; a failure of this or the previous save is a ``CheckpointError``."""
+        arrays = eqx.filter(state, eqx.is_array)
+        self.wait()  # Orbax waits for the previous save anyway; here its failure is reported as its own step
+        self._check_space(step, arrays)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        with self._clear_errors(step):
+            self.manager.save(step, args=args, force=True)
+        self._pending = step
+
+    def wait(self) -> None:
+        """Wait for the asynchronous save in flight; its failure is a ``CheckpointError`` naming its step."""
+        pending, self._pending = self._pending, None
+        with self._clear_errors(pending):
+            self.manager.wait_until_finished()
+
+    def _check_space(self, step: int, arrays: PyTree) -> None:
+        """Refuse a save that cannot fit, before anything is written (a disk that fills mid-write fails
+        Orbax's background threads one by one). The estimate is meant as a lower bound of a trained
+        state's checkpoint: 0.95 of the array bytes (random float32 data compressed to 0.98 here) plus
+        512 bytes per array (Orbax's per-array metadata measured 800-900). A fresh state full of zeros
+        compresses further (to 0.52), so its save may be refused when the disk is within one checkpoint
+        of full, where the next save would fail anyway. Single-process only: processes that disagreed
+        (their disks, or the moment they looked) would leave the others waiting in Orbax's save barrier."""
+        if jax.process_count() > 1:
+            return
+        leaves = jax.tree_util.tree_leaves(arrays)
+        needed = int(0.95 * sum(x.size * x.dtype.itemsize for x in leaves)) + 512 * len(leaves)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            reason = f"No space left on device (it needs ~{_mb(needed)}, {_mb(free)} free)"
+            raise self.write_failure(f"a checkpoint at step {step} in {self.directory}", reason, failed_step=step)
+
+    @contextlib.contextmanager
+    def _clear_errors(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            # Disk full arrives as OSError or as tensorstore's ValueError("RESOURCE_EXHAUSTED ... [os_error_code='28']");
+            # Orbax leaves the partial write in a *.orbax-checkpoint-tmp dir that it never lists as a step.
+            text = str(e)
+            if not is_write_failure(e):
+                raise
+            reason = "No space left on device" if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
+            what = f"a checkpoint{'' if step is None else f' at step {step}'} in {self.directory}"
+            raise self.write_failure(what, reason, failed_step=step) from None
+
+    def write_failure(self, what: str, reason: str, *, failed_step: int | None = None) -> CheckpointError:
+        """The error for a failed write (of a checkpoint or any other file of the run): what failed, why,
+        and which checkpoint a resume will start from."""
+        good = [s for s in self.all_steps() if s != failed_step]
+        kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
+        return CheckpointError(f"could not write {what}: {reason}; {_fix_for(reason)} and resume ({kept})")
+
+    def quarantine_after(self, step: int) -> list[Path]:
+        """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""
+        moved = []
+        for bad in [s for s in self.all_steps() if s > step]:
+            target = self.directory.parent / "checkpoints_unreadable" / f"{bad}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(bad)), target)
+            log.warning("moved unreadable checkpoint %s/%d to %s", self.directory, bad, target)
+            moved.append(target)
+        if moved:
+            self.manager.reload()
+        return moved
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except CheckpointError:
+            with contextlib.suppress(Exception):  # Orbax raises the same failure again
+                self.manager.close()
+            raise
+        self.manager.close()
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        result = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(result.meta)
+
+    def restore(self, step: int, skeleton: PyTree) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+        """Restore ``step`` into the structure of ``skeleton`` (real arrays or ShapeDtypeStructs)."""
+        abstract, static = eqx.partition(skeleton, _is_leaf_array)
+        # Restore replicated over this process's devices, whatever the topology at save time.
+        replicated = NamedSharding(make_mesh(), P())
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        target, convert = abstract, None
+        expected, stored = _shapes(abstract), self._stored_shapes(step)
+        if stored != expected:
+            legacy = kernels_as_oihw(abstract)
+            if stored != _shapes(legacy):
+                diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))
+                raise _ShapeMismatch(f"expected array shape {diff[0] if diff else '?'} is not stored there; "
+                                     f"{len(expected)} arrays expected, {len(stored)} stored")
+            # Written before ddpm-eqx stored conv kernels HWIO: read them as stored, convert in memory.
+            log.info("checkpoint %s/%d has OIHW convolution kernels (an older ddpm-eqx); converting them to HWIO",
+                     self.directory, step)
+            target, convert = legacy, kernels_from_oihw
+        result = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            ),
+        )
+        state = result.state if convert is None else convert(result.state)
+        return eqx.combine(state, static), dict(result.data or {}), dict(result.meta)
+
+    def _stored_shapes(self, step: int) -> list[tuple[int, ...]]:
+        """The stored array shapes, from the metadata alone: a checkpoint of another model is reported as
+        such, without a failing restore (whose async clean-up prints noise at exit)."""
+        # The handler, not StandardCheckpointer: that one also looks for a per-item _CHECKPOINT_METADATA
+        # (the manager writes it per step) and logs "Metadata file does not exist" on every restore.
+        return _shapes(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state"))
+
+    def restore_latest(
+        self, skeleton: PyTree, *, step: int | None = None
+    ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]] | None:
+        """The newest readable checkpoint (or ``step``), falling back past unreadable ones; None if none."""
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
+            steps = [step]
+        mismatches = []
+        for s in reversed(steps):
+            try:
+                state, data, meta = self.restore(s, skeleton)
+            except Exception as e:  # Orbax raises many types for truncated or missing files.
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                if _is_mismatch(e):
+                    mismatches.append(first)
+                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                            self.directory, s, type(e).__name__, first)
+                continue
+            return s, state, data, meta
+        if steps and len(mismatches) == len(steps):
+            raise CheckpointError(f"the checkpoints in {self.directory} do not match the model its config.json "
+                                  f"describes ({mismatches[0][:160]}); was config.json edited or copied "
+                                  "from another run?")
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read")
+        return None
+
+
+__all__ = ["Checkpointer", "CheckpointError", "is_write_failure", "quiet_failed_async_saves"]

@@ -1,0 +1,355 @@
+"""Run configuration: frozen, typed dataclasses with the seed's field names.
+
+Every field of the seed's ``ml_collections`` config keeps its dotted name (``data.batch_size``,
+``ddpm.beta_schedule``, ``training.num_train_steps`` ...), so a seed user's overrides carry over.
+Config files in ``configs/`` expose ``get_config() -> Config`` and derive variants with
+``dataclasses.replace``. Overrides (``--set a.b=value``) are parsed against the field's annotation
+and validated by each section's ``__post_init__``; any error is a ``ConfigError`` with one line
+naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+BetaSchedule = Literal["linear", "cosine", "sigmoid"]
+Objective = Literal["pred_noise", "pred_x0", "pred_v"]
+LossType = Literal["l1", "l2"]
+Downsample = Literal["conv", "pixel_unshuffle"]
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or override is invalid; the message says how to fix it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    """A TFDS dataset name, or a path to a folder of images."""
+    split: str = "train"
+    batch_size: int = 1024
+    """The global batch, over all devices of all processes."""
+    cache: bool = False
+    """Decode the split once into host memory, then shuffle/batch from there."""
+    image_size: int = 28
+    channels: int = 1
+    random_flip: bool = True
+    data_dir: str | None = None
+    """TFDS data dir; None means $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    manual_dir: str | None = None
+    """Where archives are taken from instead of downloading; None: <data_dir>/downloads/manual."""
+    num_workers: int = 0
+    """Grain worker processes (0: in the main process)."""
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"data.batch_size must be positive, got {self.batch_size}")
+        _require(self.image_size > 0, f"data.image_size must be positive, got {self.image_size}")
+        _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    init_dim: int | None = None
+    out_dim: int | None = None
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    resnet_block_groups: int = 8
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+    downsample: Downsample = "conv"
+    random_fourier_features: bool = False
+    learned_sinusoidal_cond: bool = False
+    learned_sinusoidal_dim: int = 16
+    dropout: float = 0.0
+    num_classes: int | None = None
+    """Class-conditional model when set (labels 0..num_classes-1; num_classes is the null class)."""
+
+    def __post_init__(self) -> None:
+        _require(self.dim > 0, f"model.dim must be positive, got {self.dim}")
+        _require(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
+                 f"model.dim_mults must be positive integers, got {self.dim_mults}")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.num_classes is None or self.num_classes > 0,
+                 f"model.num_classes must be positive or None, got {self.num_classes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMConfig:
+    beta_schedule: BetaSchedule = "linear"
+    timesteps: int = 1000
+    objective: Objective = "pred_noise"
+    pred_x0: bool = False
+    """The seed's switch; True is the same as objective='pred_x0'."""
+    self_condition: bool = False
+    p2_loss_weight_gamma: float = 0.0
+    """P2 weighting (Choi et al. 2022): 0 is uniform, 1 is recommended."""
+    p2_loss_weight_k: float = 1.0
+    min_snr_gamma: float | None = None
+    """Min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0; None disables it."""
+    offset_noise_strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.timesteps > 0, f"ddpm.timesteps must be positive, got {self.timesteps}")
+        _require(self.beta_schedule != "linear" or self.timesteps >= 21,
+                 f"ddpm.timesteps={self.timesteps} is too small for the linear schedule (betas 1e-4..20/T); use >= 21")
+        _require(self.p2_loss_weight_gamma >= 0, "ddpm.p2_loss_weight_gamma must be >= 0")
+        _require(self.p2_loss_weight_k > 0, "ddpm.p2_loss_weight_k must be > 0")
+        _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "ddpm.min_snr_gamma must be > 0")
+        _require(self.offset_noise_strength >= 0, "ddpm.offset_noise_strength must be >= 0")
+        _require(not (self.pred_x0 and self.objective not in ("pred_noise", "pred_x0")),
+                 "ddpm.pred_x0=True contradicts ddpm.objective; set only ddpm.objective")
+
+    @property
+    def resolved_objective(self) -> Objective:
+        return "pred_x0" if self.pred_x0 else self.objective
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    num_train_steps: int = 12_000
+    log_every_steps: int = 100
+    loss_type: LossType = "l1"
+    half_precision: bool = False
+    """bf16 compute with float32 master weights."""
+    save_and_sample_every: int = 1000
+    num_sample: int = 64
+    max_to_keep: int = 3
+    cond_drop_prob: float = 0.1
+    """Label dropout for classifier-free guidance (class-conditional models only)."""
+    eval_every: int = 0
+    """Compute the offline quality metric every N steps (0: off)."""
+    eval_num: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.num_train_steps > 0, f"training.num_train_steps must be positive, got {self.num_train_steps}")
+        _require(self.log_every_steps > 0, "training.log_every_steps must be positive")
+        _require(self.save_and_sample_every > 0, "training.save_and_sample_every must be positive")
+        _require(self.num_sample >= 0, "training.num_sample must be >= 0")
+        _require(self.max_to_keep > 0, "training.max_to_keep must be positive")
+        _require(0.0 <= self.cond_drop_prob < 1.0, "training.cond_drop_prob must be in [0, 1)")
+        _require(self.eval_every >= 0, "training.eval_every must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAConfig:
+    beta: float = 0.995
+    update_every: int = 10
+    update_after_step: int = 100
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    min_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.beta < 1.0, f"ema.beta must be in [0, 1), got {self.beta}")
+        _require(self.update_every > 0, "ema.update_every must be positive")
+        _require(self.update_after_step >= 0, "ema.update_after_step must be >= 0")
+        _require(self.inv_gamma > 0, "ema.inv_gamma must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["Adam", "AdamW"] = "Adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    cosine_decay: bool = False
+    """Cosine-decay the learning rate to 0 over training (after the warm-up)."""
+    grad_clip: float | None = None
+    """Clip gradients by global norm."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps must be positive")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be positive or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How sample grids during training are drawn (``ddpm-eqx sample`` flags override these)."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int | None = None
+    """DDIM steps (None: all T)."""
+    eta: float = 0.0
+    guidance: float = 1.0
+    """Classifier-free guidance scale for class-conditional models (1: plain conditional)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps is None or self.steps > 0, f"sampling.steps must be positive, got {self.steps}")
+        _require(self.eta >= 0, f"sampling.eta must be >= 0, got {self.eta}")
+        _require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    mode: WandbMode = "disabled"
+    entity: str | None = None
+    project: str = "ddpm-eqx"
+    job_type: str = "training"
+    name: str | None = None
+    log_train: bool = True
+    log_sample: bool = True
+    log_model: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    ddpm: DDPMConfig = DDPMConfig()
+    training: TrainingConfig = TrainingConfig()
+    ema: EMAConfig = EMAConfig()
+    optim: OptimConfig = OptimConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    wandb: WandbConfig = WandbConfig()
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _require(self.sampling.steps is None or self.sampling.steps <= self.ddpm.timesteps,
+                 f"sampling.steps={self.sampling.steps} exceeds ddpm.timesteps={self.ddpm.timesteps}")
+
+
+# --- overrides and JSON -------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``annotation`` (the dataclass field's type)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if text not in choices:
+            raise ConfigError(f"{key}={text!r} is not one of {', '.join(map(str, choices))}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(text, args[0], key)
+    if origin is tuple:
+        items = [s for s in text.strip("()[] ").split(",") if s.strip()]
+        return tuple(_parse_value(s.strip(), get_args(annotation)[0], key) for s in items)
+    try:
+        if annotation is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text.replace("_", ""))
+        if annotation is float:
+            return float(text)
+        if annotation is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not a valid {annotation.__name__}") from None
+    raise ConfigError(f"{key}: cannot parse values of type {annotation}")
+
+
+def valid_keys(config: Config) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` overrides, each parsed against the field's annotation.
+
+    All overrides are applied together, so checks across sections see the final values.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. optim.lr=2e-4")
+        key, text = (part.strip() for part in item.split("=", 1))
+        if key not in valid_keys(config):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(config))}")
+        if "." in key:
+            section_name, field_name = key.split(".", 1)
+            annotation = _field_types(type(getattr(config, section_name)))[field_name]
+            changes.setdefault(section_name, {})[field_name] = _parse_value(text, annotation, key)
+        else:
+            top[key] = _parse_value(text, _field_types(Config)[key], key)
+    sections = {name: dataclasses.replace(getattr(config, name), **kw) for name, kw in changes.items()}
+    return dataclasses.replace(config, **sections, **top)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of ``to_dict``; unknown keys are an error (a config from another version)."""
+    sections = {}
+    hints = _field_types(Config)
+    for name, value in data.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r}")
+        if isinstance(value, dict):
+            cls = hints[name]
+            field_hints = _field_types(cls)
+            kwargs = {}
+            for k, v in value.items():
+                if k not in field_hints:
+                    raise ConfigError(f"unknown config key {name}.{k}")
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+            sections[name] = cls(**kwargs)
+        else:
+            sections[name] = value
+    return Config(**sections)
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+    return from_dict(json.loads(text))
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Import a config file and call its ``get_config()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.py")
+    spec = importlib.util.spec_from_file_location(f"_ddpm_eqx_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)} has no get_config() function")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config() must return ddpm_eqx.config.Config, got {type(config).__name__}")
+    return config

@@ -1,0 +1,206 @@
+"""Import local data into the TFDS ArrayRecord format, once, so that it is read like any TFDS dataset.
+
+Two kinds of input:
+
+- a folder of images (png/jpg/jpeg/webp/bmp, searched recursively). When every image sits in a
+  top-level subfolder, the subfolders are the classes (sorted names -> labels 0, 1, ...).
+- an ``.npz`` file with ``image`` (uint8 [N, H, W] or [N, H, W, C]) and optionally ``label``, or a
+  folder of such files, one split each (``*train*`` -> train, ``*test*`` -> test, ``*val*`` ->
+  validation). A single file is the ``train`` split.
+
+The result lives under ``<data_dir>/ddpm_eqx_imports/<name>-<key>/``, where the key hashes the resolved
+path and its listing (names, sizes, mtimes): editing the folder makes a new import. The user's folder is
+never written to. A small ``GeneratorBasedBuilder`` writes the files; with a ``Tensor(uint8)`` feature or
+PIL images it needs no TensorFlow.
+"""
+
+import hashlib
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image as PILImage
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_FORMAT_VERSION = "2"  # bump when the layout of imported datasets changes: old imports are then redone
+
+
+class DataError(ValueError):
+    """Unusable data or settings; the one-line message says what to do (re-exported by ``data``)."""
+
+
+def import_path(path: Path, data_dir: Path) -> Path:
+    """Return the builder directory of ``path``'s import, converting it first when needed."""
+    path = path.expanduser().resolve()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        raise DataError(f"{path} is neither a folder of images nor an .npz file")
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    arrays = [p for p in files if p.suffix.lower() == ".npz"]
+    if not images and not arrays:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .npz files found in {path}")
+
+    digest = hashlib.sha256(f"{_FORMAT_VERSION}\n{path}\n".encode())
+    for p in files:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(path) if p != path else p.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:40] or "data"
+    root = data_dir / "ddpm_eqx_imports" / f"{name}-{digest.hexdigest()[:16]}"
+    builder_dir = root / _ImportedDataset.name / str(_ImportedDataset.VERSION)
+    if (builder_dir / "dataset_info.json").exists():  # TFDS renames a finished build into place
+        return builder_dir
+
+    print(f"Importing {path} into {root} (once) ...", flush=True)
+    if images:
+        builder: _ImportedDataset = _folder_builder(path, images, root)
+    else:
+        builder = _npz_builder(path, arrays, root)
+    builder.download_and_prepare(file_format="array_record")
+    if builder.skipped:
+        warnings.warn(
+            f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. {builder.skipped[0]}", stacklevel=3
+        )
+    return builder_dir
+
+
+class _ImportedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
+    """One builder for every import: the features and generators are given to the constructor."""
+
+    name = "imported"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(
+        self, *, features: tfds.features.FeaturesDict, splits: dict[str, Any], description: str, data_dir: Path
+    ):
+        self._features = features
+        self._splits = splits  # split name -> a zero-argument function yielding (key, example)
+        self._description = description
+        self.skipped: list[str] = []
+        super().__init__(data_dir=str(data_dir), file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # No shuffling: the files' order is kept (load_split_array returns examples in that order).
+        return tfds.core.DatasetInfo(
+            builder=self, description=self._description, features=self._features, disable_shuffling=True
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+        del dl_manager
+        return {split: make() for split, make in self._splits.items()}
+
+    def _generate_examples(self, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:  # pragma: no cover
+        raise NotImplementedError  # the split generators above are used instead
+
+
+# --- a folder of images -------------------------------------------------------------------------
+
+
+def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDataset:
+    top = [p.relative_to(root).parts for p in images]
+    classes = sorted({parts[0] for parts in top}) if all(len(parts) > 1 for parts in top) else []
+    class_of = {name: i for i, name in enumerate(classes)}
+    # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
+    # files that are not images at all; truncated files show up later, when decoded.
+    readable, skipped, modes = [], [], set()
+    for p in images:
+        try:
+            with PILImage.open(p) as im:
+                modes.add(im.mode)
+            readable.append(p)
+        except Exception:  # PIL raises many kinds of errors for broken files
+            skipped.append(str(p))
+    if not readable:
+        raise DataError(f"none of the {len(images)} image files in {root} could be read")
+    mode = "L" if modes <= _GREY_MODES else "RGB"
+
+    def generate() -> Iterator[tuple[int, dict[str, Any]]]:
+        for i, p in enumerate(readable):
+            try:
+                image = _load_image(p, mode)
+            except Exception:
+                builder.skipped.append(str(p))
+                continue
+            label = class_of[p.relative_to(root).parts[0]] if classes else 0
+            yield i, {"image": image, "label": label}  # int keys: with shuffling off TFDS keeps key order
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 1 if mode == "L" else 3)),
+        "label": tfds.features.ClassLabel(names=classes or ["none"]),
+    })
+    builder = _ImportedDataset(
+        features=features, splits={"train": generate}, description=f"Images imported from {root}", data_dir=out
+    )
+    builder.skipped.extend(skipped)
+    return builder
+
+
+def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
+    """The file's own bytes when they decode to ``mode`` as they are, else a converted PIL image."""
+    with PILImage.open(path) as im:
+        im.load()
+        if im.format in ("PNG", "JPEG") and im.mode == mode:
+            return path.read_bytes()
+        if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
+            background = PILImage.new("RGBA", im.size, (255, 255, 255, 255))
+            return PILImage.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+        return im.convert(mode)
+
+
+# --- .npz arrays --------------------------------------------------------------------------------
+
+
+def _split_name(stem: str) -> str:
+    low = stem.lower()
+    return "test" if "test" in low else "validation" if "val" in low else "train"
+
+
+def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
+    by_split: dict[str, Path] = {}
+    for p in files:
+        split = "train" if len(files) == 1 else _split_name(p.stem)
+        if split in by_split:
+            raise DataError(f"{by_split[split].name} and {p.name} would both be the {split!r} split of {root}")
+        by_split[split] = p
+    shapes, num_classes = set(), 1
+    for p in by_split.values():
+        with np.load(p) as npz:  # headers are cheap; labels are small
+            if "image" not in npz.files:
+                raise DataError(f"{p} has no 'image' array (keys: {', '.join(npz.files)})")
+            image = npz["image"]
+            if image.dtype != np.uint8 or image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[-1] not in (1, 3)):
+                raise DataError(f"{p}: 'image' must be uint8 [N,H,W] or [N,H,W,1|3], got {image.dtype} {image.shape}")
+            shapes.add(image.shape[1:3] + (image.shape[3] if image.ndim == 4 else 1,))
+            if "label" in npz.files and len(npz["label"]):
+                num_classes = max(num_classes, int(npz["label"].max()) + 1)
+    if len(shapes) != 1:
+        raise DataError(f"the .npz files of {root} have different image shapes: {sorted(shapes)}")
+
+    def make(p: Path) -> Any:
+        def generate() -> Iterator[tuple[int, dict[str, Any]]]:
+            with np.load(p) as npz:
+                images = npz["image"].reshape((-1, *shape))
+                labels = npz["label"].astype(np.int64) if "label" in npz.files else np.zeros(len(images), np.int64)
+            for i in range(len(images)):
+                yield i, {"image": images[i], "label": labels[i]}
+
+        return generate
+
+    (shape,) = shapes
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+        "label": tfds.features.ClassLabel(num_classes=num_classes),
+    })
+    return _ImportedDataset(
+        features=features,
+        splits={split: make(p) for split, p in by_split.items()},
+        description=f"Arrays imported from {root}",
+        data_dir=out,
+    )

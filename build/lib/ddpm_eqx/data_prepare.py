@@ -1,0 +1,182 @@
+"""Finding and preparing datasets: TFDS names (download or manual dir) and local paths (imported).
+
+A TFDS dataset is prepared once as ArrayRecord with TFDS's own ``download_and_prepare`` (its builders need
+TensorFlow); reading it later needs only ``array_record``. Offline, TFDS retries downloads for minutes, so
+the builder's registered archives are checked first (manual dir, earlier downloads, a 3 s connection
+probe) and a missing one is a one-line ``DataError`` naming the files and the folder to put them in.
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import re
+import socket
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ddpm_eqx.config import DataConfig
+from ddpm_eqx.data_import import DataError, import_path
+
+_TFDS_NAME = re.compile(r"[a-z0-9_]+(/[\w.-]+)?(:[\d.*]+)?")
+_CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What ``prepare_dataset`` found: enough for the CLI to print and the model to size itself."""
+
+    name: str
+    builder_dir: str
+    splits: dict[str, int]
+    image_key: str
+    label_key: str | None
+    image_shape: tuple[int | None, ...]
+    num_classes: int | None
+
+
+def data_dir_of(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+
+
+def _manual_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.manual_dir).expanduser() if cfg.manual_dir else data_dir_of(cfg) / "downloads" / "manual"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _tfds_builder(name: str, data_dir: Path) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DataError(
+            f"unknown dataset {name!r}{hint}: not an existing path nor a TFDS name; list names with "
+            f"`python -c 'import tensorflow_datasets as t; print(t.list_builders())'` or see {_CATALOG}"
+        ) from None
+    except Exception as err:  # a bad config or version, e.g. 'mnist:9.9.9'
+        raise DataError(f"cannot load the TFDS builder {name!r}: {_first_line(err)}") from err
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens quickly: TFDS itself retries for minutes."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True  # a proxy may well work where a direct connection does not
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo itself has no timeout
+    thread.start()
+    thread.join(timeout + 1.0)
+    return bool(ok)
+
+
+def _missing_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path, download_dir: Path) -> dict[str, str]:
+    """URL -> file name of the builder's registered archives that are neither in manual_dir nor downloaded."""
+    from tensorflow_datasets.core.download import resource  # where TFDS names its downloads
+
+    missing = {}
+    for url, info in (builder.url_infos or {}).items():
+        name = info.filename or url.rstrip("/").rsplit("/", 1)[-1]
+        if not (manual_dir / name).exists() and not (download_dir / resource.get_dl_fname(url, info.checksum)).exists():
+            missing[url] = name
+    return missing
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, cfg: DataConfig, download: bool) -> None:
+    name, manual_dir = builder.name, _manual_dir(cfg)
+    missing = _missing_archives(builder, manual_dir, data_dir_of(cfg) / "downloads")
+    where = f"place {', '.join(f'{f} ({u})' for u, f in missing.items())} in {manual_dir}/"
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        raise DataError(f"{name} must be downloaded by hand into {manual_dir}/: "
+                        + " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
+    if missing and not (download and _reachable(next(iter(missing)))):
+        raise DataError(f"cannot download {name} ({'offline' if download else 'downloads disabled'}): {where}")
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataError(f"preparing the TFDS dataset {name} needs TensorFlow: pip install 'ddpm-eqx[prepare]'")
+    print(f"Preparing {name} as ArrayRecord in {data_dir_of(cfg)} (once) ...", flush=True)
+    try:
+        builder.download_and_prepare(
+            file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        )
+    except Exception as err:
+        hint = f"; {where}" if missing else ""
+        raise DataError(f"preparing {name} failed: {type(err).__name__}: {_first_line(err)}{hint}") from err
+
+
+def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.DatasetBuilder:
+    """The builder of ``cfg.dataset``, prepared (or imported) first when needed."""
+    name, data_dir = cfg.dataset, data_dir_of(cfg)
+    path = Path(name).expanduser()
+    if path.exists() or not _TFDS_NAME.fullmatch(name):
+        if not path.exists():
+            raise DataError(f"dataset {name!r}: no such file or folder (nor a TFDS name; see {_CATALOG})")
+        return tfds.builder_from_directory(str(import_path(path, data_dir)))
+    builder = _tfds_builder(name, data_dir)
+    feature_keys(builder)  # a dataset without images fails here, before any download
+    if not builder.is_prepared():
+        _download_and_prepare(builder, cfg, download)
+    elif str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
+        raise DataError(
+            f"{name} in {builder.data_dir} was prepared as {builder.info.file_format}, but reading needs "
+            "ArrayRecord: set data.data_dir to another folder, or delete that one, and prepare again"
+        )
+    return builder
+
+
+def feature_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str | None]:
+    """The image feature (preferring 'image') and the label feature ('label', else a ClassLabel) or None."""
+    features = builder.info.features
+    images = [
+        k for k, f in features.items()
+        if isinstance(f, (tfds.features.Image, tfds.features.Tensor)) and len(f.shape) == 3 and f.np_dtype == np.uint8
+    ]
+    if not images:
+        raise DataError(f"{builder.name} has no uint8 image feature (features: {', '.join(features.keys())})")
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    label = features["label"] if "label" in features else None
+    if isinstance(label, tfds.features.Tensor) and not label.shape and np.issubdtype(label.np_dtype, np.integer):
+        labels.insert(0, "label")
+    return ("image" if "image" in images else images[0]), (labels[0] if labels else None)
+
+
+def prepare_dataset(cfg: DataConfig, *, download: bool = True) -> DatasetInfo:
+    """Prepare ``cfg.dataset`` (download or manual dir, or import a path) if needed; describe it.
+
+    With ``download=False`` a missing archive is an error instead of a download attempt.
+    """
+    builder = prepared_builder(cfg, download=download)
+    image_key, label_key = feature_keys(builder)
+    features = builder.info.features
+    label = features[label_key] if label_key else None
+    return DatasetInfo(
+        name=cfg.dataset,
+        builder_dir=str(builder.data_dir),
+        splits={k: v.num_examples for k, v in builder.info.splits.items()},
+        image_key=image_key,
+        label_key=label_key,
+        image_shape=tuple(features[image_key].shape),
+        num_classes=label.num_classes if isinstance(label, tfds.features.ClassLabel) else None,
+    )
+
+
+def open_split(builder: tfds.core.DatasetBuilder, split: str) -> Any:
+    if split.split("[")[0] not in builder.info.splits:
+        raise DataError(f"{builder.name} has no split {split!r}; splits: {', '.join(builder.info.splits)}")
+    return builder.as_data_source(split=split)

@@ -1,0 +1,96 @@
+"""Sample quality against the training split: FID/KID (Inception-v3) and the offline classifier metric.
+
+``fd_classifier``/``kid_classifier`` are the Fréchet distance and KID in the feature space of a small
+classifier trained once on the dataset (cached in the data dir): they need no download, but they are
+*not* FID and are not comparable with published FID figures. FID/KID use the standard pytorch-fid
+Inception weights when their file is available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from jaxtyping import Float
+
+from ddpm_eqx.classifier import FeatureReference, classifier_metrics, load_or_train_classifier, reference_statistics
+from ddpm_eqx.config import Config
+from ddpm_eqx.data import load_split_array, to_model_images
+from ddpm_eqx.data_prepare import data_dir_of
+from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+
+Metric = Literal["classifier", "inception", "all"]
+REFERENCE_EXAMPLES = 10_000
+"""Reference images drawn from the training split (a fixed random subset) for the statistics."""
+
+
+def cache_dir(cfg: Config) -> Path:
+    return data_dir_of(cfg.data) / "ddpm_eqx_eval" / f"{Path(cfg.data.dataset).name}_{cfg.data.image_size}px_{cfg.data.channels}c"
+
+
+def _reference_images(cfg: Config) -> Float[np.ndarray, "n c h w"]:
+    images, _ = load_split_array(cfg.data, "train", max_examples=REFERENCE_EXAMPLES)
+    return to_model_images(images)
+
+
+class ClassifierMetric:
+    """The offline metric: its classifier and the training split's reference features, loaded once."""
+
+    def __init__(self, cfg: Config):
+        directory = cache_dir(cfg)
+
+        def get_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            train = load_split_array(cfg.data, "train")
+            test = load_split_array(cfg.data, "test")
+            return train[0], train[1], test[0], test[1]
+
+        self.classifier, self.info = load_or_train_classifier(directory, Path(cfg.data.dataset).name, get_data)
+        self.reference: FeatureReference = reference_statistics(
+            self.classifier, _reference_images(cfg), cache_path=directory / "classifier_reference.npz"
+        )
+
+    def __call__(self, images: Float[np.ndarray, "n c h w"], *, seed: int = 0) -> dict[str, float]:
+        subset = min(1000, images.shape[0], self.reference.features.shape[0])
+        return classifier_metrics(self.classifier, images, self.reference, seed=seed, subset_size=subset)
+
+
+def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights: str | None, *,
+                      seed: int = 0) -> dict[str, float]:
+    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError (one line) without the weights."""
+    from ddpm_eqx.inception import inception_features, load_inception
+
+    model = load_inception(weights)
+    path = cache_dir(cfg) / "inception_reference.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            ref_mu, ref_sigma, ref_features = cached["mu"], cached["sigma"], cached["features"]
+    else:
+        ref_features = inception_features(model, _reference_images(cfg))
+        ref_mu, ref_sigma = feature_statistics(ref_features)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, mu=ref_mu, sigma=ref_sigma, features=ref_features)
+    features = inception_features(model, images)
+    mu, sigma = feature_statistics(features)
+    subset = min(1000, features.shape[0], ref_features.shape[0])
+    kid, kid_std = kernel_inception_distance(features, ref_features, subset_size=subset, seed=seed)
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "kid": kid, "kid_std": kid_std}
+
+
+def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric: Metric = "all",
+                    fid_weights: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """All requested metrics of ``images`` (model layout, [-1, 1]). With ``metric="all"`` a missing
+    Inception weights file is reported under ``"fid_unavailable"`` instead of failing."""
+    results: dict[str, Any] = {}
+    if metric in ("classifier", "all"):
+        measure = ClassifierMetric(cfg)
+        results.update(measure(images, seed=seed))
+        results["classifier_test_accuracy"] = measure.info.test_accuracy
+    if metric in ("inception", "all"):
+        try:
+            results.update(inception_metrics(cfg, images, fid_weights, seed=seed))
+        except FileNotFoundError as e:
+            if metric == "inception":
+                raise
+            results["fid_unavailable"] = str(e)
+    return results

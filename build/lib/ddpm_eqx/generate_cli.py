@@ -1,0 +1,152 @@
+"""``ddpm-eqx sample``: restore a run's EMA weights and write a grid, raw images, a trajectory."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_eqx.checkpoint import CheckpointError, Checkpointer
+from ddpm_eqx.config import Config, from_json
+from ddpm_eqx.generate import ShardedSampler
+from ddpm_eqx.images import save_grid, save_trajectory, to_uint8
+from ddpm_eqx.logging_utils import log, setup_logging
+from ddpm_eqx.parallel import make_mesh, replicate
+from ddpm_eqx.sample import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    ckpt: Path
+    step: int | None = None
+    out: Path | None = None
+    npz: Path | None = None
+    num: int = 64
+    batch_size: int = 64
+    sampler: str = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    seed: int = 0
+    label: int | None = None
+    guidance: float = 1.0
+    trajectory: Path | None = None
+
+
+def find_run(ckpt: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoints folder) for a run folder or its ``checkpoints/``."""
+    ckpt = ckpt.expanduser()
+    if not ckpt.exists():
+        raise CheckpointError(f"--ckpt {ckpt} does not exist; pass a run folder written by `ddpm-eqx train`")
+    run = ckpt.parent if ckpt.name == "checkpoints" else ckpt
+    ckpt_dir = run / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise CheckpointError(f"--ckpt {ckpt} holds no checkpoints (expected {ckpt_dir}/<step>/); "
+                              "train first or point at another run")
+    if not (run / "config.json").is_file():
+        raise CheckpointError(f"--ckpt {ckpt}: no config.json in {run}; is this a ddpm-eqx run folder?")
+    return run, ckpt_dir
+
+
+def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
+    """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
+    from ddpm_eqx.train import state_skeleton
+
+    run, ckpt_dir = find_run(ckpt)
+    cfg = from_json((run / "config.json").read_text())
+    skeleton = state_skeleton(cfg)
+    manager = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        found = manager.restore_latest(skeleton, step=step)
+    finally:
+        manager.close()  # an open manager's async machinery prints errors at interpreter exit
+    assert found is not None
+    restored_step, state, _, _ = found
+    return cfg, state.ema_model, restored_step
+
+
+def draw_images(req: SampleRequest) -> tuple[Config, np.ndarray, int]:
+    """The run's config, ``req.num`` images (model layout, [-1, 1]) and the checkpoint step used."""
+    setup_logging()
+    cfg, model, step = load_ema_model(req.ckpt, req.step)
+    images, _ = _draw(req, cfg, model)
+    return cfg, images, step
+
+
+class _Setup(NamedTuple):
+    """What drawing the images built, reused for a trajectory of the same images."""
+
+    process: Any
+    model: Any
+    shape: tuple[int, int, int]
+    mesh: Any
+    kwargs: dict[str, Any]
+    keys: jax.Array
+    labels: jax.Array | None
+
+
+def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarray, _Setup]:
+    num_classes = cfg.model.num_classes
+    if req.label is not None and num_classes is None:
+        raise ValueError(f"--label {req.label}: this model is not class-conditional; drop --label")
+    if req.label is not None and not 0 <= req.label < (num_classes or 0):
+        raise ValueError(f"--label {req.label} is out of range; this model has classes 0..{(num_classes or 1) - 1}")
+    if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
+        raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
+    from ddpm_eqx.diffusion import make_diffusion
+
+    mesh = make_mesh()
+    process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
+    model = replicate(model, mesh)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    sampler_name: Sampler = "ddim" if req.sampler == "ddim" else "ddpm"
+    kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta, guidance=req.guidance,
+                  conditional=num_classes is not None)
+    draw = ShardedSampler(process, model, shape, mesh, **kwargs)  # type: ignore[arg-type]
+    keys = jax.random.split(jax.random.key(req.seed), req.num)
+    labels = _labels(req, num_classes)
+    from tqdm import tqdm
+
+    chunks = []
+    for lo in tqdm(range(0, req.num, req.batch_size), desc="sampling", unit="batch", disable=None):
+        hi = min(lo + req.batch_size, req.num)
+        chunks.append(draw(model, keys[lo:hi], None if labels is None else labels[lo:hi]))
+    return np.concatenate(chunks), _Setup(process, model, shape, mesh, kwargs, keys, labels)  # type: ignore[arg-type]
+
+
+def run_sample(req: SampleRequest) -> list[Path]:
+    setup_logging()
+    cfg, model, step = load_ema_model(req.ckpt, req.step)
+    images, setup = _draw(req, cfg, model)
+    labels = setup.labels
+    run = req.ckpt if req.ckpt.name != "checkpoints" else req.ckpt.parent
+    out = req.out or run / "samples" / f"sample_{step}_{req.sampler}{req.steps or ''}_seed{req.seed}.png"
+    written = [save_grid(images, out)]
+    if req.npz is not None:
+        req.npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(req.npz, image=to_uint8(images), label=np.asarray(labels) if labels is not None else -1)
+        written.append(req.npz)
+    if req.trajectory is not None:
+        tracer = ShardedSampler(setup.process, setup.model, setup.shape, setup.mesh, return_path=True,
+                                **setup.kwargs)
+        n = min(8, req.num)
+        _, path = tracer(setup.model, setup.keys[:n], None if labels is None else labels[:n])
+        written.append(save_trajectory(path, req.trajectory))
+    log.info("sampled %d images from step %d", req.num, step)
+    return written
+
+
+def _labels(req: SampleRequest, num_classes: int | None) -> jax.Array | None:
+    if num_classes is None:
+        return None
+    if req.label is not None:
+        return jnp.full((req.num,), req.label, jnp.int32)
+    return jnp.arange(req.num, dtype=jnp.int32) % num_classes
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,108 @@
+"""What people see: metrics.jsonl, a progress bar on a terminal (plain lines otherwise), W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddpm_eqx._io import write_text_atomic
+from ddpm_eqx.config import Config, WandbConfig, to_dict
+
+log = logging.getLogger("ddpm_eqx")
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def start_wandb(cfg: WandbConfig, config: Config, workdir: Path, *, resume_id: str | None = None) -> Any:
+    """A W&B run, or None when disabled. Online without credentials falls back to offline, with a warning."""
+    if cfg.mode == "disabled":
+        return None
+    import wandb
+
+    mode = cfg.mode
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
+        log.warning("wandb.mode=online but no W&B login (WANDB_API_KEY or `wandb login`); logging offline "
+                    "to %s instead (sync later with `wandb sync`)", workdir / "wandb")
+        mode = "offline"
+    os.environ.setdefault("WANDB_DIR", str(workdir))
+    return wandb.init(
+        project=cfg.project, entity=cfg.entity, name=cfg.name, job_type=cfg.job_type, mode=mode,
+        config=to_dict(config), dir=str(workdir), id=resume_id, resume="allow" if resume_id else None,
+    )
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B."""
+
+    def __init__(self, workdir: Path, run: Any, *, total_steps: int, start_step: int, progress: bool | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.run = run
+        self.total = total_steps
+        self.bar = None
+        if progress if progress is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._last = (time.perf_counter(), start_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their rows (and a line torn by a
+        killed process), so each step appears once and every line parses."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        write_text_atomic(self.path, "".join(kept))
+
+    def write(self, step: int, metrics: dict[str, float], *, batch_size: int) -> dict[str, float | int]:
+        now, (then, then_step) = time.perf_counter(), self._last
+        self._last = (now, step)
+        rate = (step - then_step) / max(now - then, 1e-9)
+        record = {"step": step, **metrics, "steps_per_s": rate, "images_per_s": rate * batch_size}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        else:
+            eta = (self.total - step) / max(rate, 1e-9)
+            log.info("step %d/%d loss %.4f  %.2f steps/s  eta %s", step, self.total, metrics["loss"], rate,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        return record
+
+    def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+        if self.run is not None:
+            self.run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

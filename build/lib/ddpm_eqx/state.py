@@ -1,0 +1,91 @@
+"""Training state (one pytree), the optimizer, and the EMA of the weights.
+
+EMA follows ema-pytorch, as the seed does: every ``update_every`` steps; until
+``update_after_step`` the EMA is a copy of the model; after it the decay warms up as
+``1 - (1 + epoch / inv_gamma) ** -power`` clipped to [min_value, beta] (Karras-style warm-up
+from ema-pytorch), where ``epoch`` counts steps since ``update_after_step``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from ddpm_eqx.config import EMAConfig, OptimConfig
+
+
+class TrainState(eqx.Module):
+    """Everything a step changes: a checkpoint of this (plus the data iterator) resumes exactly."""
+
+    step: Int[Array, ""]
+    model: PyTree
+    ema_model: PyTree
+    opt_state: PyTree
+
+
+def _frozen(node: object) -> bool:
+    return isinstance(node, eqx.Module) and getattr(node, "frozen", False) is True
+
+
+def trainable(model: PyTree) -> PyTree:
+    """Filter spec of the trained leaves: floating-point arrays, except inside modules with ``frozen=True``
+    (the U-Net's random Fourier features), so neither Adam nor weight decay ever touches those."""
+    return jax.tree_util.tree_map(lambda node: False if _frozen(node) else eqx.is_inexact_array(node), model,
+                                  is_leaf=_frozen)
+
+
+def learning_rate_schedule(cfg: OptimConfig, num_train_steps: int) -> optax.Schedule:
+    """Constant (the seed), or linear warm-up then optional cosine decay to 0."""
+    if cfg.cosine_decay:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, max(cfg.warmup_steps, 1), max(num_train_steps, cfg.warmup_steps + 1), end_value=0.0
+        )
+    if cfg.warmup_steps > 0:
+        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.constant_schedule(cfg.lr)
+
+
+def make_optimizer(cfg: OptimConfig, num_train_steps: int) -> optax.GradientTransformation:
+    """Adam (the seed) or AdamW, with optional global-norm clipping before it."""
+    lr = learning_rate_schedule(cfg, num_train_steps)
+    if cfg.optimizer == "AdamW" or cfg.weight_decay > 0:
+        opt = optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    if cfg.grad_clip is not None:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return opt
+
+
+def init_state(model: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+    params = eqx.filter(model, trainable(model))
+    # The EMA starts as a copy with buffers of its own: the train step donates the whole state, and
+    # XLA refuses to donate one buffer twice.
+    ema_model = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        model=model,
+        ema_model=ema_model,
+        opt_state=optimizer.init(params),
+    )
+
+
+def ema_decay(cfg: EMAConfig, step: Int[Array, ""]) -> Float[Array, ""]:
+    """The weight kept of the old EMA at ``step`` (0: copy the model, 1: leave the EMA as it is)."""
+    epoch = jnp.maximum(step - cfg.update_after_step - 1, 0).astype(jnp.float32)
+    warm = 1.0 - (1.0 + epoch / cfg.inv_gamma) ** -cfg.power
+    decay = jnp.where(epoch <= 0, 0.0, jnp.clip(warm, cfg.min_value, cfg.beta))
+    decay = jnp.where(step <= cfg.update_after_step, 0.0, decay)
+    return jnp.where(step % cfg.update_every != 0, 1.0, decay)
+
+
+def ema_update(cfg: EMAConfig, ema_model: PyTree, model: PyTree, step: Int[Array, ""]) -> PyTree:
+    """decay * ema + (1 - decay) * model on the floating-point leaves; exact at decay 0 and 1."""
+    decay = ema_decay(cfg, step)
+    ema_params, static = eqx.partition(ema_model, eqx.is_inexact_array)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    new = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)
+    return eqx.combine(new, static)

@@ -1,0 +1,134 @@
+"""The compiled train step: loss, gradient, optimizer update, EMA and metrics in one program.
+
+Randomness is derived, never carried (VDM, big_vision): the step key is
+``fold_in(key(seed), step)`` and every example gets its own key from a split over the *global*
+batch, so the result does not depend on how many devices or processes share the batch, and a
+resumed run draws exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from ddpm_eqx._types import Image, Images, Keys, Label
+from ddpm_eqx.config import Config
+from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
+from ddpm_eqx.parallel import AXIS, P, batch_sharded
+from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
+
+Metrics = dict[str, Float[Array, ""]]
+
+
+class HalfPrecision(eqx.Module):
+    """Runs a float32 network in bfloat16 (weights and activations); the output is float32 again.
+
+    The cast sits inside the differentiated function, so gradients reach the float32 master weights.
+    """
+
+    model: PyTree
+
+    def __call__(self, x: Image, t: Int[Array, ""], **kwargs: Any) -> Image:
+        model = jax.tree_util.tree_map(
+            lambda p: p.astype(jnp.bfloat16) if eqx.is_inexact_array(p) else p, self.model
+        )
+        sc = kwargs.pop("x_self_cond", None)
+        sc = None if sc is None else sc.astype(jnp.bfloat16)
+        return model(x.astype(jnp.bfloat16), t, x_self_cond=sc, **kwargs).astype(jnp.float32)
+
+
+def example_loss(
+    process: GaussianDiffusion,
+    model: Denoiser,
+    x0: Image,
+    label: Label,
+    key: PRNGKeyArray,
+    use_self_cond: Bool[Array, ""],
+    num_classes: int | None,
+    cond_drop_prob: float,
+) -> Float[Array, ""]:
+    """One example's loss; class-conditional models see the null class with ``cond_drop_prob``
+    (classifier-free guidance training, Ho & Salimans 2022)."""
+    drop_key, key = jax.random.split(key)
+    maybe_label = None
+    if num_classes is not None:
+        drop = jax.random.bernoulli(drop_key, cond_drop_prob)
+        maybe_label = jnp.where(drop, num_classes, label)
+    return diffusion_loss(process, model, x0, key=key, label=maybe_label, use_self_cond=use_self_cond)
+
+
+def make_train_step(
+    cfg: Config, process: GaussianDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> "TrainStep":
+    """Build ``train_step(state, images, labels) -> (state, metrics)``, jitted, state donated.
+
+    ``images``/``labels`` are global arrays split over the mesh axis ``data``. ``train_step.traces``
+    counts how often it was traced (the whole run must compile it once).
+    """
+    lr_schedule = learning_rate_schedule(cfg.optim, cfg.training.num_train_steps)
+    num_classes, drop_prob = cfg.model.num_classes, cfg.training.cond_drop_prob
+    half = cfg.training.half_precision
+    seed = cfg.seed
+    traces = [0]
+
+    def grads_on_shard(
+        params: PyTree, static: PyTree, images: Images, labels: Int[Array, " b"], keys: Keys,
+        use_sc: Bool[Array, ""], process: GaussianDiffusion,
+    ) -> tuple[Float[Array, ""], PyTree]:
+        def mean_loss(p: PyTree) -> Float[Array, ""]:
+            model: Denoiser = eqx.combine(p, static)
+            if half:
+                model = HalfPrecision(model)
+            losses = jax.vmap(
+                lambda x, y, k: example_loss(process, model, x, y, k, use_sc, num_classes, drop_prob)
+            )(images, labels, keys)
+            # pmean *inside* the differentiated function: with shard_map's replication checks the
+            # cotangent of the replicated params is then the mean gradient, not n times it.
+            return jax.lax.pmean(jnp.mean(losses), AXIS)
+
+        return jax.value_and_grad(mean_loss)(params)
+
+    @eqx.filter_jit(donate="all")
+    def train_step(state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
+        traces[0] += 1
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+        example_key, sc_key = jax.random.split(step_key)
+        keys = jax.random.split(example_key, images.shape[0])
+        use_sc = jax.random.bernoulli(sc_key, 0.5)  # one coin per step: see diffusion_loss
+        params, static = eqx.partition(state.model, trainable(state.model))
+        proc_arrays, proc_static = eqx.partition(process, eqx.is_array)
+
+        def shard_fn(params, images, labels, keys, use_sc, proc_arrays):  # type: ignore[no-untyped-def]
+            return grads_on_shard(params, static, images, labels, keys, use_sc, eqx.combine(proc_arrays, proc_static))
+
+        sharded = batch_sharded(shard_fn, mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+                                out_specs=(P(), P()))
+        loss, grads = sharded(params, images, labels, keys, use_sc, proc_arrays)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.combine(optax.apply_updates(params, updates), static)
+        ema_model = ema_update(cfg.ema, state.ema_model, model, state.step)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr_schedule(state.step))}
+        return TrainState(state.step + 1, model, ema_model, opt_state), metrics
+
+    return TrainStep(train_step, traces)
+
+
+class TrainStep:
+    """The compiled step, with ``traces``: how often JAX traced it (a run must trace it once)."""
+
+    def __init__(self, fn: Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]],
+                 traces: list[int]):
+        self._fn, self._traces = fn, traces
+
+    @property
+    def traces(self) -> int:
+        return self._traces[0]
+
+    def __call__(self, state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
+        return self._fn(state, images, labels)

@@ -1,0 +1,320 @@
+"""The training loop: build, restore, step, log, sample, checkpoint; pre-emption safe.
+
+One ``train(config, workdir)`` call. Resume is automatic from ``<workdir>/checkpoints``: the
+train state and the data iterator's position are restored, and because step randomness is
+derived from ``(seed, step)`` the resumed run is bitwise the run that was not interrupted.
+SIGTERM/SIGINT save a checkpoint at the current step and return cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_eqx._io import write_text_atomic
+from ddpm_eqx.checkpoint import Checkpointer
+from ddpm_eqx.config import Config, ConfigError, to_dict
+from ddpm_eqx.data import make_train_iterator, prepare_dataset
+from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
+from ddpm_eqx.generate import ShardedSampler
+from ddpm_eqx.images import save_grid
+from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb
+from ddpm_eqx.parallel import check_divisible, make_mesh, replicate, shard_batch
+from ddpm_eqx.state import TrainState, init_state, make_optimizer
+from ddpm_eqx.step import make_train_step
+from ddpm_eqx.unet import UNet, make_unet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    stopped_by_signal: bool
+    traces: int
+
+
+def build_model(cfg: Config) -> UNet:
+    return make_unet(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                     self_condition=cfg.ddpm.self_condition, key=jax.random.key(cfg.seed))
+
+
+def build_state(cfg: Config) -> tuple[TrainState, GaussianDiffusion, Any]:
+    optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
+    state = init_state(build_model(cfg), optimizer)
+    return state, make_diffusion(cfg.ddpm, cfg.training.loss_type), optimizer
+
+
+def state_skeleton(cfg: Config) -> TrainState:
+    """``build_state(cfg)``'s state as shapes only (``jax.ShapeDtypeStruct`` leaves): what a checkpoint is
+    restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
+    (~15 s for the seed's U-Net)."""
+    return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (pre-emptible machines)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _is_finite(x: Any) -> bool:
+    return bool(np.isfinite(np.asarray(x)))
+
+
+def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train ``cfg`` in ``workdir`` (checkpoints, metrics.jsonl, samples/), resuming if possible."""
+    setup_logging()
+    workdir = Path(workdir)
+    mesh = make_mesh()
+    check_divisible(cfg.data.batch_size, mesh)
+    optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
+    process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
+    iterator = make_train_iterator(cfg.data, seed=cfg.seed)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
+    # Weights are built only when there is no checkpoint to restore into their skeleton.
+    restored = _restore(ckpt, state_skeleton(cfg), iterator, restore_from)
+    state = init_state(build_model(cfg), optimizer) if restored is None else restored
+    start = int(state.step)
+    state = replicate(state, mesh)
+    process = replicate(process, mesh)
+    train_step = make_train_step(cfg, process, optimizer, mesh)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
+                             steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,
+                             conditional=cfg.model.num_classes is not None)
+    lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
+    run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
+    writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
+                           total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False)
+    stop = _StopFlag()
+    log.info("training %s from step %d to %d on %d device(s), global batch %d", cfg.data.dataset, start,
+             cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size)
+    step, pending, evaluator = start, None, None
+    estimate_at = start + 3 if undersized_machine(cfg) else -1
+    t_est, finished, disk_full = 0.0, False, None
+    try:
+        while step < cfg.training.num_train_steps and stop.signal is None:
+            batch = next(iterator)
+            images, labels = shard_batch((batch["image"], batch["label"]), mesh)
+            new_state, metrics = train_step(state, images, labels)
+            # Check the previous step's loss while this one runs: exact, without stalling dispatch.
+            _check_loss(pending, ckpt)
+            state, step, pending = new_state, step + 1, (step + 1, metrics["loss"])
+            if step in (estimate_at - 1, estimate_at):  # the first steps after compilation, timed
+                jax.block_until_ready(metrics["loss"])
+                if step == estimate_at:
+                    _log_estimate(cfg, time.perf_counter() - t_est, step)
+                t_est = time.perf_counter()
+            if step % cfg.training.log_every_steps == 0 or step == cfg.training.num_train_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                writer.write(step, values, batch_size=cfg.data.batch_size)
+            if step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps:
+                _check_loss(pending, ckpt)
+                _save(ckpt, step, state, iterator, cfg)
+                if cfg.training.num_sample:
+                    _sample_grid(cfg, sampler, state, step, workdir, run)
+            if cfg.training.eval_every and step % cfg.training.eval_every == 0:
+                evaluator = evaluator or _Evaluator(cfg)
+                writer.write_eval(step, evaluator(sampler, state))
+        _check_loss(pending, ckpt)
+        if stop.signal is not None and step not in ckpt.all_steps():
+            log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
+            _save(ckpt, step, state, iterator, cfg)
+        ckpt.wait()
+        if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps:
+            _log_model(run, ckpt.directory, step)
+        finished = True
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        disk_full = e  # e.g. metrics.jsonl, while an asynchronous checkpoint save filled the disk
+    finally:
+        closers = [stop.restore, iterator.close, writer.close, ckpt.close] + ([run.finish] if run is not None else [])
+        _shut_down(closers, quiet=not finished)
+    if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
+        raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), "No space left on device") from None
+    return TrainResult(state, step, stop.signal is not None, train_step.traces)
+
+
+def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
+    """Call every closer. After a failure (``quiet``) their own errors, often the same full disk, are
+    logged rather than raised, so the first error is the one reported."""
+    error: Exception | None = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:
+            if not quiet:
+                error = error or e
+            else:
+                log.warning("while stopping: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if error is not None:
+        raise error
+
+
+def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any,
+             restore_from: str | Path | None) -> TrainState | None:
+    """The newest checkpoint of this run, else of ``restore_from``; None when there is none."""
+    found = ckpt.restore_latest(skeleton)
+    source = ckpt.directory
+    if found is None and restore_from is not None:
+        source = _resolve_restore_from(restore_from)
+        found = Checkpointer(source, read_only=True).restore_latest(skeleton)
+        if found is None:
+            raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
+    if found is None:
+        return None
+    step, state, data_state, _ = found
+    ckpt.quarantine_after(step)
+    if data_state:
+        iterator.set_state(data_state)
+    log.info("resumed from %s at step %d", source, step)
+    return state
+
+
+def _resolve_restore_from(restore_from: str | Path) -> Path:
+    text = str(restore_from)
+    if text.startswith("wandb:"):
+        import wandb
+
+        try:
+            artifact = wandb.Api().artifact(text.removeprefix("wandb:"), type="model")
+            return Path(artifact.download()) / "checkpoints"
+        except Exception as e:
+            raise FileNotFoundError(f"could not fetch W&B artifact {text[6:]!r} ({type(e).__name__}); "
+                                    "check the name and your login, or download it and pass the folder") from None
+    path = Path(text)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> None:
+    if pending is not None and not _is_finite(pending[1]):
+        steps = ckpt.all_steps()
+        last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
+        raise NonFiniteLossError(f"loss is {float(pending[1])} at step {pending[0]}; {last}. "
+                                 "Lower optim.lr or set optim.grad_clip, then resume.")
+
+
+def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config) -> None:
+    ckpt.save(step, state, iterator.get_state(), {"step": step, "config": to_dict(cfg), "time": time.time()})
+
+
+def _sample_grid(cfg: Config, sampler: ShardedSampler, state: TrainState, step: int, workdir: Path, run: Any) -> None:
+    """EMA samples from fixed noise (the same keys every time), so grids are comparable across steps."""
+    keys = jax.random.split(jax.random.key(cfg.seed + 1), cfg.training.num_sample)
+    labels = None
+    if cfg.model.num_classes is not None:
+        labels = jnp.arange(cfg.training.num_sample, dtype=jnp.int32) % cfg.model.num_classes
+    t0 = time.perf_counter()
+    images = sampler(state.ema_model, keys, labels)
+    assert isinstance(images, np.ndarray)
+    if jax.process_index() != 0:
+        return
+    path = save_grid(images, workdir / "samples" / f"step_{step}.png")
+    log.info("samples at step %d -> %s (%.1f s)", step, path, time.perf_counter() - t0)
+    if run is not None and cfg.wandb.log_sample:
+        import wandb
+
+        run.log({"samples": wandb.Image(str(path))}, step=step)
+
+
+class _Evaluator:
+    """``training.eval_every``: fd_classifier/kid_classifier of ``training.eval_num`` EMA samples."""
+
+    def __init__(self, cfg: Config):
+        from ddpm_eqx.evaluate import ClassifierMetric
+
+        self.cfg, self.metric = cfg, ClassifierMetric(cfg)
+
+    def __call__(self, sampler: ShardedSampler, state: TrainState) -> dict[str, float]:
+        cfg, n = self.cfg, self.cfg.training.eval_num
+        keys = jax.random.split(jax.random.key(cfg.seed + 2), n)
+        labels = None
+        if cfg.model.num_classes is not None:
+            labels = jnp.arange(n, dtype=jnp.int32) % cfg.model.num_classes
+        images = sampler(state.ema_model, keys, labels)
+        assert isinstance(images, np.ndarray)
+        return self.metric(images)
+
+
+def _log_model(run: Any, directory: Path, step: int) -> None:
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step})
+    artifact.add_dir(str(directory), name="checkpoints")
+    run.log_artifact(artifact)
+
+
+def _wandb_id(workdir: Path) -> str | None:
+    path = workdir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    new = uuid.uuid4().hex[:8]
+    write_text_atomic(path, new)
+    return new
+
+
+def validate_setup(cfg: Config) -> None:
+    """Fail fast, before anything is written: model shape, device split, dataset and its image shape.
+
+    Raises ``ConfigError`` (or the data module's ``DataError``) with a one-line message.
+    """
+    try:
+        eqx.filter_eval_shape(build_model, cfg)  # constructs nothing, checks the sizes
+        check_divisible(cfg.data.batch_size, make_mesh())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info = prepare_dataset(cfg.data)
+    if cfg.model.num_classes is not None and info.num_classes is not None and cfg.model.num_classes != info.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
+                          f"{info.num_classes} classes; set model.num_classes={info.num_classes}")
+
+
+def undersized_machine(cfg: Config) -> bool:
+    """True when a config sized for accelerators (a big global batch) runs on CPU only."""
+    return jax.default_backend() == "cpu" and cfg.data.batch_size >= 256
+
+
+def warn_if_undersized_machine(cfg: Config) -> None:
+    if undersized_machine(cfg):
+        setup_logging()
+        log.warning("this config (global batch %d, %d steps) is sized for TPUs/GPUs and this machine has only "
+                    "a CPU: the time to finish is estimated after the first steps. For a CPU run use "
+                    "--config configs/fashion_mnist_cpu.py", cfg.data.batch_size, cfg.training.num_train_steps)
+
+
+def _log_estimate(cfg: Config, seconds_per_step: float, step: int) -> None:
+    left = (cfg.training.num_train_steps - step) * seconds_per_step
+    log.warning("estimated time to finish on this CPU: %.1f h (%.2f s/step); for a CPU run use "
+                "--config configs/fashion_mnist_cpu.py", left / 3600, seconds_per_step)
+
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton",
+           "warn_if_undersized_machine"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +56,9 @@ def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
     return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
 def is_write_failure(e: BaseException) -> bool:
     """A failed file write: an ``OSError``, or tensorstore's ``ValueError`` carrying RESOURCE_EXHAUSTED or an
     ``os_error_code`` (how Orbax reports a full disk)."""
@@ -63,11 +68,16 @@ def is_write_failure(e: BaseException) -> bool:
 
 class _WriteFailureEcho(logging.Filter):
     """Drops Orbax's and asyncio's own reports of a failed checkpoint write (one per background thread and
-    task, each with a traceback): the failure reaches the caller once, as a ``CheckpointError``."""
+    task, each with a traceback): the failure reaches the caller once, as a ``CheckpointError``. Only
+    records logged by Orbax, or whose exception passed through Orbax: a write failure of anything else
+    (TFDS and Grain also log through absl) still prints."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (record.levelno >= logging.ERROR and error is not None and is_write_failure(error))
+        if record.levelno < logging.ERROR or error is None or not is_write_failure(error):
+            return True
+        frames = traceback.extract_tb(error.__traceback__)
+        return not any(_ORBAX in path for path in [record.pathname, *(f.filename for f in frames)])
 
 
 def quiet_failed_async_saves() -> None:

@@ -310,7 +310,7 @@ def test_an_asynchronous_save_that_fails_later_is_reported_as_its_own_step(tmp_p
 
 def test_orbax_echoes_of_a_failed_write_are_dropped_and_nothing_else(monkeypatch, capsys):
     """`quiet_failed_async_saves` (the CLI's): error records on the absl/asyncio loggers whose exception is a
-    failed write, and unraisable "Event loop is closed", are dropped; other errors still print."""
+    failed write raised in Orbax, and unraisable "Event loop is closed", are dropped; other errors print."""
     import logging
     import sys
 
@@ -327,15 +327,24 @@ def test_orbax_echoes_of_a_failed_write_are_dropped_and_nothing_else(monkeypatch
         quiet_failed_async_saves()  # idempotent: one filter, one hook layer
         assert [sum(isinstance(f, _WriteFailureEcho) for f in lg.filters) for lg in loggers] == [1, 1]
 
-        def log(logger: logging.Logger, message: str, error: BaseException) -> None:
+        # An exception raised in a (pretend) Orbax file, as in its background threads.
+        orbax_code = compile("def fail(error):\n    raise error\n", os.path.join("site-packages", "orbax", "x.py"), "exec")
+        namespace: dict = {}
+        exec(orbax_code, namespace)
+
+        def raise_here(error: BaseException) -> None:
+            raise error
+
+        def log(logger: logging.Logger, message: str, error: BaseException, *, in_orbax: bool = True) -> None:
             try:
-                raise error
+                (namespace["fail"] if in_orbax else raise_here)(error)
             except BaseException:
                 logger.error(message, exc_info=True)
 
         log(loggers[0], "thread raised A", ValueError("RESOURCE_EXHAUSTED: Error writing [os_error_code='28']"))
         log(loggers[1], "task B never retrieved", OSError(28, "No space left on device"))
         log(loggers[0], "unrelated C", ValueError("a bug"))
+        log(loggers[0], "a dataset's full disk F", OSError(28, "No space left on device"), in_orbax=False)
         loggers[1].error("no exception D")
 
         class Unraisable:
@@ -351,6 +360,7 @@ def test_orbax_echoes_of_a_failed_write_are_dropped_and_nothing_else(monkeypatch
             logger.filters = [f for f in logger.filters if not isinstance(f, _WriteFailureEcho)]
     err = capsys.readouterr().err
     assert "unrelated C" in err and "ValueError: a bug" in err and "no exception D" in err
+    assert "a dataset's full disk F" in err  # a write failure outside Orbax is not ours to hide
     assert [str(u.exc_value) for u in passed] == ["something else E"]
     assert "thread raised A" not in err and "never retrieved" not in err and "Event loop is closed" not in err
 

@@ -57,6 +57,8 @@ def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
 
 
 _ORBAX = f"{os.sep}orbax{os.sep}"
+# The reason every full-disk error of a run gives (whatever the writer reported); `_fix_for` keys on it.
+NO_SPACE = "No space left on device"
 
 
 def is_write_failure(e: BaseException) -> bool:
@@ -163,7 +165,7 @@ class Checkpointer:
         needed = int(0.95 * sum(x.size * x.dtype.itemsize for x in leaves)) + 512 * len(leaves)
         free = shutil.disk_usage(self.directory).free
         if free < needed:
-            reason = f"No space left on device (it needs ~{_mb(needed)}, {_mb(free)} free)"
+            reason = f"{NO_SPACE} (it needs ~{_mb(needed)}, {_mb(free)} free)"
             raise self.write_failure(f"a checkpoint at step {step} in {self.directory}", reason, failed_step=step)
 
     @contextlib.contextmanager
@@ -176,7 +178,7 @@ class Checkpointer:
             text = str(e)
             if not is_write_failure(e):
                 raise
-            reason = "No space left on device" if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
+            reason = NO_SPACE if ("No space left" in text or "'28'" in text) else text.splitlines()[0][:120]
             what = f"a checkpoint{'' if step is None else f' at step {step}'} in {self.directory}"
             raise self.write_failure(what, reason, failed_step=step) from None
 

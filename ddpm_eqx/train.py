@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx._io import write_text_atomic
-from ddpm_eqx.checkpoint import Checkpointer
+from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
@@ -156,7 +156,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         closers = [stop.restore, iterator.close, writer.close, ckpt.close] + ([run.finish] if run is not None else [])
         _shut_down(closers, quiet=not finished)
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
-        raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), "No space left on device") from None
+        raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
     return TrainResult(state, step, stop.signal is not None, train_step.traces)
 
 

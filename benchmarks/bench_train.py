@@ -7,13 +7,16 @@ Prints: parameters, compile time of the train step, steps/s (median over --steps
 model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the float32 matmul peak
 measured in the same run (a 2048x2048 jnp.dot), their ratio, the sampler's compile time and
 per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every sampler step is one network
-call on the batch), and peak RSS. The defaults are the seed's fashion_mnist architecture at batch 32.
+call on the batch), peak RSS, and the kernel time and page faults per train step (XLA:CPU allocates
+each execution's temporaries afresh: benchmarks/RESULTS.md, session 7). The defaults are the seed's
+fashion_mnist architecture at batch 32.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -91,11 +94,13 @@ def main() -> None:
     state, metrics = compiled(state, *batch)  # warm-up
     jax.block_until_ready(metrics)
     times = []
+    cpu0, faults0 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         t = time.perf_counter()
         state, metrics = compiled(state, *batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
+    cpu1, faults1 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     median = statistics.median(times)
     out["step_s"] = median
     out["steps_per_s"] = 1 / median
@@ -103,6 +108,10 @@ def main() -> None:
     out["achieved_gflops"] = out["gflop_per_step"] / median  # type: ignore[operator]
     out["matmul_peak_gflops"] = matmul_peak_gflops()
     out["fraction_of_peak"] = out["achieved_gflops"] / out["matmul_peak_gflops"]  # type: ignore[operator]
+    # Kernel time (page faults of XLA's per-execution buffers, thread wake-ups) and user time per step.
+    out["sys_s_per_step"] = (cpu1.system - cpu0.system) / args.steps
+    out["user_s_per_step"] = (cpu1.user - cpu0.user) / args.steps
+    out["page_faults_per_step"] = (faults1 - faults0) / args.steps
 
     shape = (c, s, s)
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler="ddim", steps=args.sample_steps)

@@ -1,0 +1,31 @@
+"""The benchmark's figures are consistent with each other (a broken benchmark would mislead quietly)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from _cli import ROOT, TINY
+
+
+@pytest.mark.slow
+def test_bench_train_json_figures_agree_with_each_other(tmp_path):
+    sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "configs/fashion_mnist_cpu.py",
+           "--batch", "8", "--host-devices", "2", "--steps", "3", "--sample-batch", "4", "--sample-steps", "2",
+           "--json", *[a for s in sets for a in ("--set", s)]]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    d = json.loads(out)
+    assert d["devices"] == 2 and d["batch"] == 8 and d["backend"] == "cpu"
+    assert 0 < d["params"] < 200_000  # the tiny U-Net, not the config file's own
+    assert math.isclose(d["steps_per_s"], 1 / d["step_s"], rel_tol=1e-9)
+    assert math.isclose(d["images_per_s"], 8 / d["step_s"], rel_tol=1e-9)
+    assert math.isclose(d["achieved_gflops"], d["gflop_per_step"] / d["step_s"], rel_tol=1e-9)
+    assert math.isclose(d["fraction_of_peak"], d["achieved_gflops"] / d["matmul_peak_gflops"], rel_tol=1e-9)
+    assert math.isclose(d["ddim50_images_per_s"], 20 * d["ddpm1000_images_per_s"], rel_tol=1e-9)
+    assert math.isclose(d["ddim50_images_per_s"], 4 / (50 * d["sampler_step_s"]), rel_tol=1e-9)
+    assert d["gflop_per_step"] > 0 and d["matmul_peak_gflops"] > 1 and d["compile_s"] > 0
+    assert d["page_faults_per_step"] >= 0 and d["sys_s_per_step"] >= 0 and d["user_s_per_step"] > 0
+    assert d["peak_rss_mib"] > 100

@@ -11,7 +11,7 @@ from _cli import ROOT, TINY
 
 
 @pytest.mark.slow
-def test_bench_train_json_figures_agree_with_each_other(tmp_path):
+def test_bench_train_json_figures_agree_with_each_other():
     sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "configs/fashion_mnist_cpu.py",
            "--batch", "8", "--host-devices", "2", "--steps", "3", "--sample-batch", "4", "--sample-steps", "2",

@@ -276,5 +276,17 @@ def data_prepare(
     typer.echo(f"{info.name}: {info.splits} in {info.builder_dir}")
 
 
+def main() -> None:
+    """Console-script entry: re-execute under the caching allocator (``ddpm_eqx.allocator``), then run the app."""
+    from ddpm_eqx.allocator import AllocatorError, reexec_with_caching_allocator
+
+    try:
+        reexec_with_caching_allocator()
+    except AllocatorError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    app()
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    main()

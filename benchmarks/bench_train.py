@@ -9,7 +9,8 @@ measured in the same run (a 2048x2048 jnp.dot), their ratio, the sampler's compi
 per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every sampler step is one network
 call on the batch), peak RSS, and the kernel time and page faults per train step (XLA:CPU allocates
 each execution's temporaries afresh: benchmarks/RESULTS.md, session 7). The defaults are the seed's
-fashion_mnist architecture at batch 32.
+fashion_mnist architecture at batch 32. Like `ddpm-eqx`, it re-executes itself under the caching allocator
+(ddpm_eqx/allocator.py; `malloc` in the output); DDPM_EQX_MALLOC=system measures glibc's instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpm_eqx import allocator  # noqa: E402
 from ddpm_eqx.parallel import set_host_device_count  # noqa: E402
 
 
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    allocator.reexec_with_caching_allocator()
     set_host_device_count(args.host_devices)
 
     import equinox as eqx
@@ -70,7 +73,7 @@ def main() -> None:
     cfg = apply_overrides(load_config_file(args.config), [f"data.batch_size={args.batch}", *args.overrides])
     mesh = make_mesh()
     out: dict[str, float | int | str] = {"config": args.config, "batch": args.batch, "devices": mesh.devices.size,
-                                         "backend": jax.default_backend()}
+                                         "backend": jax.default_backend(), "malloc": allocator.active() or "system"}
     t = time.perf_counter()
     state, process, optimizer = build_state(cfg)
     out["init_s"] = time.perf_counter() - t

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
@@ -111,8 +112,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
                            total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False)
     stop = _StopFlag()
-    log.info("training %s from step %d to %d on %d device(s), global batch %d", cfg.data.dataset, start,
-             cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size)
+    log.info("training %s from step %d to %d on %d device(s), global batch %d, malloc %s", cfg.data.dataset, start,
+             cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None

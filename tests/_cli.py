@@ -20,6 +20,7 @@ def _cmd(*args: str) -> list[str]:
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("DDPM_EQX_MALLOC", None)  # the CLI's default allocator (ddpm_eqx.allocator)
     # Identical programs compile once across the test's processes.
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))

@@ -73,8 +73,7 @@ cli.main()
 
 @needs_tbb
 def test_the_cli_reexecutes_itself_once_under_tbbmalloc_with_the_same_pid_and_arguments(tmp_path):
-    env = {**_env(tmp_path), "JAX_PLATFORMS": "cpu"}
-    env.pop("DDPM_EQX_MALLOC", None)
+    env = {**_env(tmp_path), "JAX_PLATFORMS": "cpu"}  # _env drops DDPM_EQX_MALLOC: the CLI's default
     env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-c", PROBE, "train", "--x"], capture_output=True, text=True, env=env,
                          cwd=ROOT, check=True).stdout.splitlines()

@@ -98,7 +98,7 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
         assert im.n_frames == 11  # x_T and the 10 DDIM steps
     out = tmp_path / "eval.json"
     result = subprocess.run(_cmd("eval", "--ckpt", str(workdir), "--num", "64", "--steps", "10", "--out", str(out)),
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+                            env=_env(tmp_path, optimised=True), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads(out.read_text())
     # An 8-step model draws noise-like images: far from the data in the classifier's feature space.

@@ -14,17 +14,20 @@ TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "mo
         "training.save_and_sample_every=2", "training.max_to_keep=10"]
 
 
+NO_LLVM_OPT = "--xla_backend_optimization_level=0"
+"""What conftest adds to ``XLA_FLAGS`` (the tests compile far more than they compute)."""
+
+
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), *args]
 
 
 def _env(tmp_path: Path, *, optimised: bool = False) -> dict[str, str]:
-    """The CLI's environment; ``optimised`` drops conftest's ``-O0`` for a run that computes more than it
-    compiles (the eval command trains a classifier: 83 s at the default level, 284 s at 0)."""
+    """The CLI's environment; ``optimised`` drops conftest's :data:`NO_LLVM_OPT` for a run that computes more
+    than it compiles (the eval command trains a classifier: 83 s at the default level, 284 s at 0)."""
     env = dict(os.environ)
     if optimised:
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if f != "--xla_backend_optimization_level=0")
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != NO_LLVM_OPT)
     env.pop("DDPM_EQX_MALLOC", None)  # the CLI's default allocator (ddpm_eqx.allocator)
     # Identical programs compile once across the test's processes.
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -27,14 +27,14 @@ os.environ["XDG_CACHE_HOME"] = str(_SCRATCH / "cache")  # the CLI's persistent X
 jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
 
 from ddpm_eqx.parallel import CPU_XLA_FLAGS  # noqa: E402  (after the hook, before any backend starts)
+from _cli import NO_LLVM_OPT  # noqa: E402
 
 # In-process tests compile with the XLA:CPU flags the CLI uses (subprocesses get them from the CLI).
 # The tests compile far more than they compute, so XLA's generated code is built without LLVM's
 # optimisations: a 2-device worker of test_parallel took 37 s at the default level, 19 s at 0. Library
 # kernels (Eigen, YNNPACK) are unaffected; bitwise comparisons are between runs under the same flags.
 # Subprocesses (the CLI, workers) inherit it; a level already in XLA_FLAGS wins.
-_OPT_LEVEL = () if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "") else (
-    "--xla_backend_optimization_level=0",)
+_OPT_LEVEL = () if NO_LLVM_OPT.split("=")[0] in os.environ.get("XLA_FLAGS", "") else (NO_LLVM_OPT,)
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS, *_OPT_LEVEL]).strip()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

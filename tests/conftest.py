@@ -5,10 +5,14 @@ pytest imports this file before any test module, so the import hook below is ins
 jaxtyping annotations (shapes included) while the tests run.
 """
 
+import fcntl
+import json
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jaxtyping
@@ -66,11 +70,36 @@ def shared_file() -> Callable[..., Path]:
     return find
 
 
+@contextmanager
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """``(folder, ready)`` for a session fixture built once per test run, also under pytest-xdist.
+
+    Under xdist (``-n 2``, as ``./run.sh test`` runs) each worker has its own session, so a session fixture
+    would be built once per worker; here the first worker builds ``folder`` in the run's shared temporary
+    root while holding a lock, and the others wait for it and find ``ready`` true. Building must end
+    by writing ``folder / "ready"`` (a failed build leaves it absent and the next worker retries).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' basetemps are siblings under the run's root
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ready = (folder / "ready").is_file()
+            if not ready:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+            yield folder, ready
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A TFDS data dir (a ``str``, ready for ``DataConfig(data_dir=...)``) holding the real fashion_mnist.
 
-    Prepared once per session from the official archives in ``../shared/data/fashion_mnist`` through TFDS's
+    Prepared once per test run from the official archives in ``../shared/data/fashion_mnist`` through TFDS's
     manual dir (no network; about 13-30 s). Splits: train 60,000, test 10,000.
     """
     source = SHARED_DATA / "fashion_mnist"
@@ -80,15 +109,17 @@ def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from ddpm_eqx.config import DataConfig
     from ddpm_eqx.data import prepare_dataset
 
-    data_dir = tmp_path_factory.mktemp("tfds_fashion_mnist")
-    manual = data_dir / "downloads" / "manual"
-    manual.mkdir(parents=True)
-    for name in FASHION_MNIST_FILES:
-        try:
-            (manual / name).symlink_to(source / name)
-        except OSError:  # no symlinks (some Windows/CI file systems): copy, 30 MB
-            shutil.copy(source / name, manual / name)
-    prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(data_dir)), download=False)
+    with _built_once(tmp_path_factory, "tfds_fashion_mnist") as (data_dir, ready):
+        if not ready:
+            manual = data_dir / "downloads" / "manual"
+            manual.mkdir(parents=True)
+            for name in FASHION_MNIST_FILES:
+                try:
+                    (manual / name).symlink_to(source / name)
+                except OSError:  # no symlinks (some Windows/CI file systems): copy, 30 MB
+                    shutil.copy(source / name, manual / name)
+            prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(data_dir)), download=False)
+            (data_dir / "ready").touch()
     return str(data_dir)
 
 
@@ -96,11 +127,14 @@ def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def reference_run(fashion_mnist_data_dir: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """An uninterrupted 8-step tiny run through the CLI (checkpoints at 2, 4, 6, 8): ``(workdir, result)``.
 
-    The reference for the resume tests; copy it before changing anything in it.
+    The reference for the resume tests; copy it before changing anything in it (xdist workers share it).
     """
     from _cli import _train
 
-    tmp = tmp_path_factory.mktemp("ref")
-    workdir = tmp / "run"
-    result = _train(fashion_mnist_data_dir, workdir, 8, tmp)
-    return workdir, result
+    with _built_once(tmp_path_factory, "reference_run") as (tmp, ready):
+        if not ready:
+            # The run's XLA cache is this worker's, as for every other CLI run of its tests (``_cli._env``).
+            done = _train(fashion_mnist_data_dir, tmp / "run", 8, tmp_path_factory.getbasetemp() / "reference_run")
+            (tmp / "result.json").write_text(json.dumps([done.args, done.returncode, done.stdout, done.stderr]))
+            (tmp / "ready").touch()
+    return tmp / "run", subprocess.CompletedProcess(*json.loads((tmp / "result.json").read_text()))

@@ -12,6 +12,7 @@ becomes one ``(b*h*w, c) @ (c, o)`` matmul instead of a slow small-K dot over an
 benchmarks/RESULTS.md). Convolution kernels are stored HWIO (``Conv2d``), the layout those kernels take.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ddpm_eqx._types import Key, Timestep
@@ -29,6 +31,45 @@ Fourier = Literal["sinusoidal", "random", "learned"]
 def _eps(x: Array) -> float:
     # The seed/lucidrains use a larger epsilon below float32 so bf16 statistics stay finite.
     return 1e-5 if x.dtype == jnp.float32 else 1e-3
+
+
+_MIN_DRAW = 1 << 16
+"""The smallest draw of :func:`uniform`; draws grow by 4x, so a model needs only a few of them."""
+
+
+@functools.cache
+def _uniform_draw(size: int, dtype: Any) -> Callable[..., Array]:
+    return jax.jit(lambda key, lo, hi: jax.random.uniform(key, (size,), dtype, lo, hi))
+
+
+def uniform(key: Key, shape: tuple[int, ...], limit: float, dtype: Any = jnp.float32) -> Float[Array, "..."]:
+    """``jax.random.uniform(key, shape, dtype, -limit, limit)``, bitwise, without a compile per shape.
+
+    Eagerly, each new ``shape`` is a new XLA program: ~0.3-0.5 s of compile on a CPU core for a few
+    microseconds of work, 14 of the 21 s it took to build the seed's model (29 shapes). With JAX's
+    partitionable Threefry (its default) element ``i`` of a draw depends on the key and ``i`` only, so
+    the first ``prod(shape)`` values of a longer draw *are* the draw of ``shape``: this draws one of a
+    few fixed sizes (``_MIN_DRAW`` times a power of 4, each compiled once per process) and keeps the
+    prefix. Under a trace (``eqx.filter_eval_shape``, ``jit``), for other key implementations (``rbg``) and
+    with the old non-partitionable Threefry it is ``jax.random.uniform`` itself.
+    """
+    if (isinstance(key, jax.core.Tracer) or not getattr(jax.config, "jax_threefry_partitionable")
+            or str(jax.random.key_impl(key)) != "threefry2x32"):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+    n, size = math.prod(shape), _MIN_DRAW
+    while size < n:
+        size *= 4
+    drawn = np.asarray(_uniform_draw(size, jnp.dtype(dtype))(key, -limit, limit))
+    return jnp.array(drawn[:n].reshape(shape))  # a copy: the rest of the draw is not kept alive
+
+
+def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:
+    """``eqx.nn.Linear(in_features, out_features, key=key)``, bitwise, its weights drawn by :func:`uniform`."""
+    abstract = eqx.filter_eval_shape(eqx.nn.Linear, in_features, out_features, key=key)
+    wkey, bkey = jax.random.split(key)  # as eqx.nn.Linear splits and scales (checked in tests/test_unet.py)
+    limit = 1 / math.sqrt(in_features)
+    weight = uniform(wkey, (out_features, in_features), limit, abstract.weight.dtype)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), abstract, (weight, uniform(bkey, (out_features,), limit, weight.dtype)))
 
 
 def sinusoidal_embedding(t: Timestep, dim: int) -> Float[Array, " d"]:
@@ -82,8 +123,8 @@ class TimeEmbedding(eqx.Module):
         else:
             self.fourier = FourierFeatures(fourier_dim, frozen=features == "random", key=kf)
             in_dim = fourier_dim + 1  # [t, sin, cos]
-        self.linear1 = eqx.nn.Linear(in_dim, 4 * dim, key=k1)
-        self.linear2 = eqx.nn.Linear(4 * dim, 4 * dim, key=k2)
+        self.linear1 = linear(in_dim, 4 * dim, key=k1)
+        self.linear2 = linear(4 * dim, 4 * dim, key=k2)
         self.dim = dim
 
     def __call__(self, t: Timestep) -> Float[Array, " e"]:
@@ -124,8 +165,8 @@ class Conv2d(eqx.Module):
         wkey, bkey = jax.random.split(key)
         limit = 1 / math.sqrt(in_channels * kernel_size**2)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.weight = jax.random.uniform(wkey, shape, minval=-limit, maxval=limit)
-        self.bias = jax.random.uniform(bkey, (out_channels,), minval=-limit, maxval=limit) if use_bias else None
+        self.weight = uniform(wkey, shape, limit)
+        self.bias = uniform(bkey, (out_channels,), limit) if use_bias else None
         self.stride, self.padding = stride, padding
 
     @property
@@ -296,7 +337,7 @@ class ResnetBlock(eqx.Module):
         self, dim_in: int, dim_out: int, *, time_dim: int, groups: int, dropout: float = 0.0, key: Key
     ):
         kt, k1, k2, kr = jax.random.split(key, 4)
-        self.time_proj = eqx.nn.Linear(time_dim, 2 * dim_out, key=kt)
+        self.time_proj = linear(time_dim, 2 * dim_out, key=kt)
         # Dropout sits between the two convolutions (lucidrains; Ho et al. 2020 App. B).
         self.block1 = Block(dim_in, dim_out, groups=groups, dropout=dropout, key=k1)
         self.block2 = Block(dim_out, dim_out, groups=groups, dropout=0.0, key=k2)

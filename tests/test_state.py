@@ -76,6 +76,10 @@ def test_frozen_fourier_features_are_not_trained_even_with_weight_decay():
     assert len(leaves) == len(all_float) - 1  # exactly the Fourier weights are left out
     optimizer = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5), 10)
     state = init_state(model, optimizer)
+    # The EMA is an equal copy with buffers of its own (the train step donates both).
+    model_leaves, ema_leaves = (jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array)) for m in (model, state.ema_model))
+    assert all(np.array_equal(a, b) for a, b in zip(model_leaves, ema_leaves))
+    assert not {a.unsafe_buffer_pointer() for a in model_leaves} & {b.unsafe_buffer_pointer() for b in ema_leaves}
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = optimizer.update(grads, state.opt_state, params)
     new = eqx.apply_updates(model, updates)

@@ -27,9 +27,11 @@ from ddpm_eqx.layers import (
     group_norm_hwc,
     kernels_as_oihw,
     kernels_from_oihw,
+    linear,
     standardise_weight,
     to_chw,
     to_hwc,
+    uniform,
     upsample_nearest,
 )
 from ddpm_eqx.unet import UNet, count_params, make_unet
@@ -268,6 +270,37 @@ def test_conv2d_initialises_as_equinox_and_torch():
     assert float(jnp.max(jnp.abs(conv.weight))) <= limit and float(jnp.max(jnp.abs(conv.bias))) <= limit
     assert float(jnp.std(conv.weight)) == pytest.approx(limit / np.sqrt(3), rel=0.02)
     assert float(jnp.min(conv.weight)) < -0.99 * limit and float(jnp.max(conv.weight)) > 0.99 * limit
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7, 5), (3, 3, 64, 128), (1 << 16,), ((1 << 16) + 1,), (600, 700)])
+def test_uniform_is_jax_random_uniform_bitwise(shape):
+    # The prefix of a longer partitionable-Threefry draw, sizes 2**16, 2**18 and 2**20 here.
+    k = jax.random.key(5)
+    np.testing.assert_array_equal(uniform(k, shape, 0.3), jax.random.uniform(k, shape, minval=-0.3, maxval=0.3))
+    raw = jax.random.PRNGKey(5)  # an old-style uint32 key draws the same way
+    np.testing.assert_array_equal(uniform(raw, shape, 0.3), jax.random.uniform(raw, shape, minval=-0.3, maxval=0.3))
+
+
+def test_uniform_falls_back_for_other_keys_and_under_a_trace():
+    k = key(2)  # rbg: no prefix property is promised, so jax.random.uniform itself
+    np.testing.assert_array_equal(uniform(k, (9, 4), 1.0), jax.random.uniform(k, (9, 4), minval=-1.0, maxval=1.0))
+    traced = jax.jit(lambda k: uniform(k, (9, 4), 1.0))(jax.random.key(3))
+    np.testing.assert_array_equal(traced, jax.random.uniform(jax.random.key(3), (9, 4), minval=-1.0, maxval=1.0))
+    assert eqx.filter_eval_shape(Conv2d, 4, 6, 3, key=jax.random.key(0)).weight.shape == (3, 3, 4, 6)
+    with jax.threefry_partitionable(False):  # the old Threefry: a longer draw does not start with a shorter one
+        k = jax.random.key(4)
+        assert not np.array_equal(jax.random.uniform(k, (10,)), jax.random.uniform(k, (1000,))[:10])
+        np.testing.assert_array_equal(uniform(k, (300, 7), 0.5), jax.random.uniform(k, (300, 7), minval=-0.5, maxval=0.5))
+
+
+@pytest.mark.parametrize("features", [(3, 5), (256, 512)])
+def test_linear_is_equinox_linear_bitwise(features):
+    ours, theirs = linear(*features, key=jax.random.key(7)), eqx.nn.Linear(*features, key=jax.random.key(7))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    assert (ours.in_features, ours.out_features, ours.use_bias) == (theirs.in_features, theirs.out_features, True)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ws_conv_ignores_kernel_affine_rescaling():

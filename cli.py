@@ -55,7 +55,7 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         jax.config.update("jax_compilation_cache_dir", str(cache_home / "ddpm_eqx" / "xla"))
     if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
-        # JAX's default (1 s) leaves out the ~0.3 s compile per weight shape of a fresh model's init.
+        # JAX's default (1 s) leaves out the start-up's small compiles (0.1-0.7 s each: random draws, splits).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,7 +1,8 @@
 """U-Net tests: parity parameter count, shapes, closed-form layer properties, options, runtime shape checks.
 
 Models are tiny (dim 8) except the parity count, which uses an ``eqx.filter_eval_shape`` skeleton.
-Initialisation uses ``rbg`` keys: on XLA:CPU they compile several times faster than threefry.
+Initialisation uses ``rbg`` keys: on XLA:CPU they compile several times faster than threefry when drawn
+per shape, as ``layers.uniform`` does for them (its Threefry path is tested against ``jax.random.uniform``).
 ``UNet.__call__`` is ``@jaxtyped(typechecker=beartype)``, so shape checks are on here without a conftest.
 """
 

@@ -74,7 +74,7 @@ def shared_file() -> Callable[..., Path]:
 def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
     """``(folder, ready)`` for a session fixture built once per test run, also under pytest-xdist.
 
-    Under xdist (``-n 2``, as ``./run.sh test`` runs) each worker has its own session, so a session fixture
+    Under xdist (``addopts``: one worker per core) each worker has its own session, so a session fixture
     would be built once per worker; here the first worker builds ``folder`` in the run's shared temporary
     root while holding a lock, and the others wait for it and find ``ready`` true. Building must end
     by writing ``folder / "ready"`` (a failed build leaves it absent and the next worker retries).

@@ -42,7 +42,7 @@ def _uniform_draw(size: int, dtype: Any) -> Callable[..., Array]:
     return jax.jit(lambda key, lo, hi: jax.random.uniform(key, (size,), dtype, lo, hi))
 
 
-def uniform(key: Key, shape: tuple[int, ...], limit: float, dtype: Any = jnp.float32) -> Float[Array, "..."]:
+def uniform(key: Key, shape: tuple[int, ...], limit: float, dtype: Any = float) -> Float[Array, "..."]:
     """``jax.random.uniform(key, shape, dtype, -limit, limit)``, bitwise, without a compile per shape.
 
     Eagerly, each new ``shape`` is a new XLA program: ~0.3-0.5 s of compile on a CPU core for a few
@@ -59,8 +59,11 @@ def uniform(key: Key, shape: tuple[int, ...], limit: float, dtype: Any = jnp.flo
     n, size = math.prod(shape), _MIN_DRAW
     while size < n:
         size *= 4
-    drawn = np.asarray(_uniform_draw(size, jnp.dtype(dtype))(key, -limit, limit))
-    return jnp.array(drawn[:n].reshape(shape))  # a copy: the rest of the draw is not kept alive
+    # `float` is float32, or float64 with jax_enable_x64: jax.random.uniform's own default.
+    drawn = np.asarray(_uniform_draw(size, jax.dtypes.canonicalize_dtype(dtype))(key, -limit, limit))
+    # A host copy of the prefix (the rest of the draw is not kept alive), then a transfer: `jnp.array` of a
+    # host array would compile a copy program per shape again.
+    return jax.device_put(drawn[:n].reshape(shape).copy())
 
 
 def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:

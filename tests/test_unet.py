@@ -280,6 +280,10 @@ def test_uniform_is_jax_random_uniform_bitwise(shape):
     np.testing.assert_array_equal(uniform(k, shape, 0.3), jax.random.uniform(k, shape, minval=-0.3, maxval=0.3))
     raw = jax.random.PRNGKey(5)  # an old-style uint32 key draws the same way
     np.testing.assert_array_equal(uniform(raw, shape, 0.3), jax.random.uniform(raw, shape, minval=-0.3, maxval=0.3))
+    with jax.enable_x64(True):  # the default dtype follows jax.random.uniform's: float64 here
+        ours, theirs = uniform(k, shape, 0.3), jax.random.uniform(k, shape, minval=-0.3, maxval=0.3)
+        assert ours.dtype == theirs.dtype == jnp.float64
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_uniform_falls_back_for_other_keys_and_under_a_trace():

@@ -72,7 +72,8 @@ def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:
     wkey, bkey = jax.random.split(key)  # as eqx.nn.Linear splits and scales (checked in tests/test_unet.py)
     limit = 1 / math.sqrt(in_features)
     weight = uniform(wkey, (out_features, in_features), limit, abstract.weight.dtype)
-    return eqx.tree_at(lambda m: (m.weight, m.bias), abstract, (weight, uniform(bkey, (out_features,), limit, weight.dtype)))
+    bias = uniform(bkey, (out_features,), limit, weight.dtype)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), abstract, (weight, bias))
 
 
 def sinusoidal_embedding(t: Timestep, dim: int) -> Float[Array, " d"]:

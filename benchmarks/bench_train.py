@@ -3,14 +3,16 @@
     python benchmarks/bench_train.py [--config configs/fashion_mnist.py] [--batch 32] [--host-devices N]
         [--steps 20] [--sample-batch 64] [--sample-steps 10] [--set key=value ...] [--json]
 
-Prints: parameters, compile time of the train step, steps/s (median over --steps), images/s, the
-model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the float32 matmul peak
-measured in the same run (a 2048x2048 jnp.dot), their ratio, the sampler's compile time and
-per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every sampler step is one network
-call on the batch), peak RSS, and the kernel time and page faults per train step (XLA:CPU allocates
-each execution's temporaries afresh: benchmarks/RESULTS.md, session 7). The defaults are the seed's
-fashion_mnist architecture at batch 32. Like `ddpm-eqx`, it re-executes itself under the caching allocator
-(ddpm_eqx/allocator.py; `malloc` in the output); DDPM_EQX_MALLOC=system measures glibc's instead.
+Prints: parameters, compile time of the train step (and its tracing part), steps/s (median over
+--steps), images/s, the model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the
+float32 matmul peak measured in the same run (a 2048x2048 jnp.dot), their ratio; the compile time of
+the default sampler over all timesteps (DDPM-1000, one lax.scan; compiled, not run), the timed DDIM
+sampler's compile + first call and per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every
+sampler step is one network call on the batch); peak RSS, and the kernel time and page faults per train
+step (XLA:CPU allocates each execution's temporaries afresh: benchmarks/RESULTS.md, session 7). The
+defaults are the seed's fashion_mnist architecture at batch 32. Like `ddpm-eqx`, it re-executes itself
+under the caching allocator (ddpm_eqx/allocator.py; `malloc` in the output); DDPM_EQX_MALLOC=system
+measures glibc's instead.
 """
 
 from __future__ import annotations
@@ -86,7 +88,11 @@ def main() -> None:
                          np.zeros((args.batch,), np.int32)), mesh)
 
     t = time.perf_counter()
-    compiled = eqx.filter_jit(step._fn).lower(state, *batch).compile()  # type: ignore[attr-defined]
+    lowered = eqx.filter_jit(step._fn).lower(state, *batch)  # type: ignore[attr-defined]
+    # Tracing and lowering: Python, one core, paid again on every start (the persistent cache is keyed by
+    # the lowered program). compile_s is the whole of it: trace, lower and XLA's compile.
+    out["trace_s"] = time.perf_counter() - t
+    compiled = lowered.compile()
     out["compile_s"] = time.perf_counter() - t
     cost = compiled.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -117,8 +123,13 @@ def main() -> None:
     out["page_faults_per_step"] = (faults1 - faults0) / args.steps
 
     shape = (c, s, s)
-    sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler="ddim", steps=args.sample_steps)
     keys = jax.random.split(jax.random.key(0), args.sample_batch)
+    # The program of `ddpm-eqx sample` with the default sampler, every timestep (one lax.scan): compiled, not run.
+    ddpm = ShardedSampler(process, state.ema_model, shape, mesh, sampler="ddpm")
+    t = time.perf_counter()
+    ddpm.lower(state.ema_model, keys).compile()
+    out["ddpm1000_compile_s"] = time.perf_counter() - t
+    sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler="ddim", steps=args.sample_steps)
     t = time.perf_counter()
     sampler(state.ema_model, keys)
     out["sampler_compile_and_first_s"] = time.perf_counter() - t

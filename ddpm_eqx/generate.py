@@ -56,6 +56,18 @@ class ShardedSampler:
     def __call__(
         self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None
     ) -> Float[np.ndarray, "n c h w"] | tuple[Float[np.ndarray, "n c h w"], Float[np.ndarray, "n s c h w"]]:
+        n = keys.shape[0]
+        out = self._fn(*self._arguments(model, keys, labels))
+        if self.return_path:
+            return gather(out[0])[:n], gather(out[1])[:n]
+        return gather(out)[:n]
+
+    def lower(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None) -> jax.stages.Lowered:
+        """The program ``self(model, keys, labels)`` runs, traced and lowered but not compiled or run:
+        ``.compile()`` compiles it (into the persistent cache, where one is set) and ``.as_text()`` shows it."""
+        return self._fn.lower(*self._arguments(model, keys, labels))
+
+    def _arguments(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None) -> tuple[Any, ...]:
         if self.conditional and labels is None:
             raise ValueError("this model is class-conditional: pass labels (use the null class for unconditional)")
         n, devices = keys.shape[0], self.mesh.devices.size
@@ -66,7 +78,4 @@ class ShardedSampler:
                 labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
         arrays = eqx.filter(model, eqx.is_array)
         proc_arrays = eqx.filter(self.process, eqx.is_array)
-        out = self._fn(arrays, proc_arrays, keys, labels if self.conditional else None)
-        if self.return_path:
-            return gather(out[0])[:n], gather(out[1])[:n]
-        return gather(out)[:n]
+        return arrays, proc_arrays, keys, labels if self.conditional else None

@@ -31,6 +31,7 @@ def test_bench_train_json_figures_agree_with_each_other():
     assert math.isclose(d["fraction_of_peak"], d["achieved_gflops"] / d["matmul_peak_gflops"], rel_tol=1e-9)
     assert math.isclose(d["ddim50_images_per_s"], 20 * d["ddpm1000_images_per_s"], rel_tol=1e-9)
     assert math.isclose(d["ddim50_images_per_s"], 4 / (50 * d["sampler_step_s"]), rel_tol=1e-9)
-    assert d["gflop_per_step"] > 0 and d["matmul_peak_gflops"] > 1 and d["compile_s"] > 0
+    assert d["gflop_per_step"] > 0 and d["matmul_peak_gflops"] > 1 and 0 < d["trace_s"] < d["compile_s"]
+    assert d["ddpm1000_compile_s"] > 0 and d["sampler_compile_and_first_s"] > 0
     assert d["page_faults_per_step"] >= 0 and d["sys_s_per_step"] >= 0 and d["user_s_per_step"] > 0
     assert d["peak_rss_mib"] > 100

@@ -1,5 +1,7 @@
 """Samplers: DDIM(eta=1, all steps) = DDPM, exact sampling of a Gaussian with its optimal denoiser."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,8 @@ import numpy as np
 import pytest
 
 from ddpm_eqx.diffusion import GaussianDiffusion
+from ddpm_eqx.generate import ShardedSampler
+from ddpm_eqx.parallel import make_mesh
 from ddpm_eqx.sample import ddim_sigma, ddim_step, ddim_timesteps, ddpm_step, guided, sample
 
 
@@ -116,3 +120,24 @@ def test_ddim_timesteps_validation():
     ts, prev = ddim_timesteps(1000, 50)
     assert ts[0] == 999 and prev[-1] == -1 and ts.shape == (50,)
     assert np.all(np.diff(np.asarray(ts)) < 0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_the_sampler_program_does_not_grow_with_the_number_of_steps(sampler):
+    """One ``lax.scan`` over the timesteps (issue 6): 1000 steps lower to the same operations as 10, so
+    DDPM-1000 compiles as fast as DDPM-10. A Python loop of steps would make the program ~100x longer."""
+
+    def program(timesteps, steps):
+        process = _process(schedule="cosine", T=timesteps)
+        oracle = GaussianOracle(process.alphas_cumprod, 0.0, 0.5, "pred_noise")
+        draw = ShardedSampler(process, oracle, (1, 4, 4), make_mesh(), sampler=sampler, steps=steps)
+        keys = jax.random.split(jax.random.key(0), 3)  # not a multiple of 2 devices: padded, as draw() pads
+        lowered = draw.lower(oracle, keys)
+        return re.findall(r"stablehlo\.\w+", lowered.as_text()), lowered, draw, oracle, keys
+
+    few, _, _, _, _ = program(1000, 10) if sampler == "ddim" else program(10, None)
+    many, lowered, draw, oracle, keys = program(1000, 1000) if sampler == "ddim" else program(1000, None)
+    assert len(few) > 20 and sorted(many) == sorted(few)
+    # The lowered program is the one a call runs: compiled ahead of time, it gives the same images.
+    compiled = lowered.compile()
+    assert compiled.as_text() and np.asarray(draw(oracle, keys)).shape == (3, 1, 4, 4)

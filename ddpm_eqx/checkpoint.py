@@ -116,6 +116,13 @@ def _fix_for(reason: str) -> str:
     return "fix that"
 
 
+def _not_orbax_read_only_notice(record: logging.LogRecord) -> bool:
+    # Orbax logs "Given directory is read only=..." as a warning whenever a manager is opened read-only.
+    # Ours are read-only on purpose (sampling, evaluating, warm-starting never write), and the line reads
+    # like a permission problem to whoever runs `ddpm-eqx sample`.
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 class Checkpointer:
     """A thin wrapper around ``ocp.CheckpointManager`` with items ``state``, ``data`` and ``meta``."""
 
@@ -125,7 +132,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_not_orbax_read_only_notice)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+        finally:
+            absl_log.removeFilter(_not_orbax_read_only_notice)
         self._pending: int | None = None  # the step of an asynchronous save that may still be running
 
     def all_steps(self) -> list[int]:

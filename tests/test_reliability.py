@@ -1,6 +1,7 @@
 """Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -501,3 +502,18 @@ def test_a_checkpoint_of_an_older_version_with_oihw_kernels_restores_as_the_same
     np.testing.assert_array_equal(adam.nu.init_conv.bias, ref["nu_init_conv_bias"].reshape(-1))
     np.testing.assert_array_equal(adam.mu.downs[0].attn.fn.to_qkv.weight, ref["mu_to_qkv_weight"].transpose(2, 3, 1, 0))
     assert int(adam.count) == 2
+
+
+def test_opening_a_checkpoint_read_only_logs_no_warning_and_other_warnings_still_pass(caplog):
+    """Sampling opens checkpoints read-only on purpose; Orbax's "Given directory is read only" warning
+    read like a permission problem. Only that line is dropped, and only while the manager opens."""
+    from ddpm_eqx.checkpoint import Checkpointer
+
+    absl_log = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING):
+        Checkpointer(LEGACY_OIHW / "checkpoints", read_only=True).close()
+        absl_log.warning("Given directory is read only=elsewhere")  # the filter is gone again
+        absl_log.warning("another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("Given directory is read only=elsewhere") == 1 and "another warning" in messages
+    assert not any(str(LEGACY_OIHW) in m and "read only" in m for m in messages)

@@ -32,7 +32,7 @@ case "${1:-}" in
     if "$VENV/bin/python" -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu')" 2>/dev/null; then
       config=configs/fashion_mnist.py      # an accelerator: the seed's config
     else
-      config=configs/fashion_mnist_cpu.py  # CPU only: about 30-40 minutes on 2 cores
+      config=configs/fashion_mnist_cpu.py  # CPU only: about 25-40 minutes on 2 cores
     fi
     workdir=runs/fashion_mnist
     "$VENV/bin/ddpm-eqx" train --config "$config" --workdir "$workdir" "$@"

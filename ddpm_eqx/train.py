@@ -26,6 +26,7 @@ from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset
+from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
@@ -96,8 +97,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
     iterator = make_train_iterator(cfg.data, seed=cfg.seed)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
+    environment = describe()  # stored with every checkpoint, compared on resume
     # Weights are built only when there is no checkpoint to restore into their skeleton.
-    restored = _restore(ckpt, state_skeleton(cfg), iterator, restore_from)
+    restored = _restore(ckpt, state_skeleton(cfg), iterator, restore_from, environment)
     state = init_state(build_model(cfg), optimizer) if restored is None else restored
     start = int(state.step)
     state = replicate(state, mesh)
@@ -135,7 +137,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 writer.write(step, values, batch_size=cfg.data.batch_size)
             if step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps:
                 _check_loss(pending, ckpt)
-                _save(ckpt, step, state, iterator, cfg)
+                _save(ckpt, step, state, iterator, cfg, environment)
                 if cfg.training.num_sample:
                     _sample_grid(cfg, sampler, state, step, workdir, run)
             if cfg.training.eval_every and step % cfg.training.eval_every == 0:
@@ -144,7 +146,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         _check_loss(pending, ckpt)
         if stop.signal is not None and step not in ckpt.all_steps():
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
-            _save(ckpt, step, state, iterator, cfg)
+            _save(ckpt, step, state, iterator, cfg, environment)
         ckpt.wait()
         if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps:
             _log_model(run, ckpt.directory, step)
@@ -177,9 +179,13 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
         raise error
 
 
-def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any,
-             restore_from: str | Path | None) -> TrainState | None:
-    """The newest checkpoint of this run, else of ``restore_from``; None when there is none."""
+def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
+             environment: dict[str, Any]) -> TrainState | None:
+    """The newest checkpoint of this run, else of ``restore_from``; None when there is none.
+
+    Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
+    (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared.
+    """
     found = ckpt.restore_latest(skeleton)
     source = ckpt.directory
     if found is None and restore_from is not None:
@@ -189,11 +195,14 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any,
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:
         return None
-    step, state, data_state, _ = found
+    step, state, data_state, meta = found
     ckpt.quarantine_after(step)
     if data_state:
         iterator.set_state(data_state)
     log.info("resumed from %s at step %d", source, step)
+    if source == ckpt.directory and (changes := differences(meta.get("environment", {}), environment)):
+        log.warning("step %d was written with other software or devices (%s): training goes on, but need not be "
+                    "bitwise the run it continues", step, "; ".join(changes))
     return state
 
 
@@ -220,8 +229,10 @@ def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> No
                                  "Lower optim.lr or set optim.grad_clip, then resume.")
 
 
-def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config) -> None:
-    ckpt.save(step, state, iterator.get_state(), {"step": step, "config": to_dict(cfg), "time": time.time()})
+def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config,
+          environment: dict[str, Any]) -> None:
+    meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment}
+    ckpt.save(step, state, iterator.get_state(), meta)
 
 
 def _sample_grid(cfg: Config, sampler: ShardedSampler, state: TrainState, step: int, workdir: Path, run: Any) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddpm_eqx.checkpoint import Checkpointer
+from ddpm_eqx.environment import describe
+
 from _cli import ROOT, _cmd, _committed, _env, _final_params, _train, _train_args  # noqa: F401
 
 
@@ -27,6 +30,11 @@ def test_train_writes_checkpoints_metrics_samples_and_config(reference_run):
     assert (workdir / "samples" / "step_8.png").is_file()
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["dim"] == 8 and config["data"]["dataset"] == "fashion_mnist"
+    # Each checkpoint names the software and devices that wrote it (compared when a run resumes).
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    written = ckpt.restore_meta(8)["environment"]
+    ckpt.close()
+    assert written["packages"] == describe()["packages"] and written["devices"] == 2, written
 
 
 @pytest.mark.slow
@@ -42,7 +50,7 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(reference_run, fas
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path)
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "other software or devices" not in resumed.stderr
     for a, b in zip(_final_params(ref_dir, 8), _final_params(workdir, 8), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -2,6 +2,7 @@
 # The two set-up commands of the README:
 #   ./run.sh main   install, prepare Fashion-MNIST, train, then sample from the result
 #   ./run.sh test   install, then run the tests (what CI runs)
+#   ./run.sh lock   re-resolve constraints.txt: the newest versions pyproject.toml allows, in a scratch venv
 # Extra arguments after `main` go to `ddpm-eqx train` (e.g. --set training.num_train_steps=500).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,7 +12,11 @@ install() {
   if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   # [prepare] brings TensorFlow, which TFDS needs to prepare built-in datasets (reading does not).
-  "$VENV/bin/pip" install -q -e ".[prepare,test]"
+  # constraints.txt holds the versions the tests last passed with, so an upstream release cannot change
+  # a run (or break CI) between two installs; DDPM_EQX_UNPINNED=1 installs the newest allowed instead.
+  local pins=(-c constraints.txt)
+  if [ -n "${DDPM_EQX_UNPINNED:-}" ]; then pins=(); fi
+  "$VENV/bin/pip" install -q -e ".[prepare,test]" "${pins[@]}"
 }
 
 link_offline_archives() {
@@ -43,8 +48,20 @@ case "${1:-}" in
     "$VENV/bin/mypy"
     "$VENV/bin/python" -m pytest -q
     ;;
+  lock)
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+    VENV=$scratch/venv DDPM_EQX_UNPINNED=1 install
+    {
+      echo "# The versions ./run.sh installs (pip -c): resolved by \`./run.sh lock\` on $(date -u +%Y-%m-%d),"
+      echo "# Python $("$scratch/venv/bin/python" -c 'import platform; print(platform.python_version())'), $(uname -s) $(uname -m). After a relock, run ./run.sh test."
+      "$scratch/venv/bin/pip" freeze --exclude-editable | grep -v '^-e '
+    } > constraints.txt.new
+    mv constraints.txt.new constraints.txt
+    echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) pins)"
+    ;;
   *)
-    echo "usage: ./run.sh main [train flags...] | ./run.sh test" >&2
+    echo "usage: ./run.sh main [train flags...] | ./run.sh test | ./run.sh lock" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,41 @@
+"""constraints.txt (what ./run.sh installs) pins every dependency pyproject.toml declares, within its bounds."""
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins() -> dict[str, Version]:
+    pins: dict[str, Version] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not a NAME==VERSION pin"
+            assert canonicalize_name(name) not in pins, f"constraints.txt pins {name} twice"
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_constraints_pin_every_declared_dependency_within_its_bounds():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [Requirement(r) for r in project["dependencies"] + extras["prepare"] + extras["test"]]
+    pins = _pins()
+    # Pinned on Linux x86-64 (the header says where); platform-only dependencies apply there.
+    env = {"sys_platform": "linux", "platform_machine": "x86_64"}
+    for req in declared:
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in constraints.txt: run ./run.sh lock"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {req.name}=={pins[name]} outside pyproject's {req.specifier}: run ./run.sh lock")
+
+
+def test_constraints_do_not_pin_this_project():
+    assert "ddpm-eqx" not in _pins()  # installed editable from the checkout, never from an index

@@ -26,8 +26,8 @@ from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset
-from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
+from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
 from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb

@@ -83,17 +83,24 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
 
 
 def _config_differences(old: dict, new: dict) -> list[str]:
-    diffs = []
+    """What differs between a workdir's config.json and the new config, as ``"optim.lr: 0.001 -> 0.0005"``.
+
+    A key the old file lacks was written by a version without that option, which behaved as its default.
+    """
+    from ddpm_eqx.config import Config, to_dict
+
+    defaults, diffs = to_dict(Config()), []
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
             continue
         if isinstance(values, dict):
             for k, v in values.items():
-                before = old.get(section, {}).get(k)
+                default = defaults[section][k]
+                before = old.get(section, {}).get(k, list(default) if isinstance(default, tuple) else default)
                 if (list(v) if isinstance(v, tuple) else v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
-        elif old.get(section) != values:
-            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+        elif old.get(section, defaults[section]) != values:
+            diffs.append(f"{section}: {old.get(section, defaults[section])!r} -> {values!r}")
     return diffs
 
 

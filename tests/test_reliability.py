@@ -66,6 +66,22 @@ def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fas
     assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
 
 
+def test_a_config_json_written_before_an_option_existed_is_the_same_run():
+    """A key config.json lacks (an older ddpm-eqx, before the option) counts as its default, not a change."""
+    import cli
+    from ddpm_eqx.config import Config, apply_overrides, to_dict
+
+    new = to_dict(apply_overrides(Config(), ["optim.lr=5e-4"]))
+    old = json.loads(json.dumps(new))  # as config.json reads back: tuples are lists
+    assert cli._config_differences(old, new) == []
+    del old["training"]["eval_num"], old["model"]["dim_mults"], old["seed"]
+    assert cli._config_differences(old, new) == []
+    changed = to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "training.eval_num=5", "seed=7"]))
+    assert cli._config_differences(old, changed) == ["training.eval_num: 1000 -> 5", "seed: 42 -> 7"]
+    old["optim"]["lr"] = 1e-3
+    assert cli._config_differences(old, new) == ["optim.lr: 0.001 -> 0.0005"]
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_run, fashion_mnist_data_dir, tmp_path):
     workdir = tmp_path / "run"

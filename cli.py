@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Keys that may change between a run and its resumption without it being a different run.
 RESUMABLE_KEYS = {"training.num_train_steps", "training.log_every_steps", "training.save_and_sample_every",
                   "training.num_sample", "training.max_to_keep", "training.eval_every", "data.num_workers",
-                  "data.prefetch", "data.data_dir", "data.manual_dir", "data.cache"}
+                  "data.prefetch", "data.data_dir", "data.manual_dir", "data.cache", "training.grad_accum_steps"}
 
 
 def fail(message: str, code: int = 1) -> None:

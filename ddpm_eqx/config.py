@@ -133,6 +133,9 @@ class TrainingConfig:
     eval_every: int = 0
     """Compute the offline quality metric every N steps (0: off)."""
     eval_num: int = 1000
+    grad_accum_steps: int = 1
+    """Split each device's share of the batch into this many micro-batches, run one after another, and
+    average their gradients: the same update as one pass over the batch, with about 1/N of the memory."""
 
     def __post_init__(self) -> None:
         _require(self.num_train_steps > 0, f"training.num_train_steps must be positive, got {self.num_train_steps}")
@@ -142,6 +145,7 @@ class TrainingConfig:
         _require(self.max_to_keep > 0, "training.max_to_keep must be positive")
         _require(0.0 <= self.cond_drop_prob < 1.0, "training.cond_drop_prob must be in [0, 1)")
         _require(self.eval_every >= 0, "training.eval_every must be >= 0")
+        _require(self.grad_accum_steps > 0, f"training.grad_accum_steps must be positive, got {self.grad_accum_steps}")
 
 
 @dataclasses.dataclass(frozen=True)

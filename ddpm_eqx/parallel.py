@@ -48,12 +48,21 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(AxisType.Auto,))
 
 
-def check_divisible(global_batch: int, mesh: Mesh) -> None:
+def check_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1) -> None:
+    """The batch splits evenly over the devices, and each device's share into ``micro_batches``."""
     n = mesh.devices.size
     if global_batch % n:
         raise ValueError(
             f"the global batch {global_batch} does not divide by the {n} devices; "
             f"set data.batch_size to a multiple of {n} (e.g. {max(n, global_batch // n * n)})"
+        )
+    per_device = global_batch // n
+    if per_device % micro_batches:
+        divisors = [d for d in range(2, per_device + 1) if per_device % d == 0][:4] or [1]
+        raise ValueError(
+            f"training.grad_accum_steps={micro_batches} does not divide the {per_device} examples each of the "
+            f"{n} devices gets (data.batch_size={global_batch}); use a divisor of {per_device} "
+            f"(e.g. {', '.join(map(str, divisors))})"
         )
 
 

@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from ddpm_eqx._types import Image, Images, Keys, Label
 from ddpm_eqx.config import Config
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
-from ddpm_eqx.parallel import AXIS, P, batch_sharded
+from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
 from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
 
 Metrics = dict[str, Float[Array, ""]]
@@ -74,6 +74,8 @@ def make_train_step(
     lr_schedule = learning_rate_schedule(cfg.optim, cfg.training.num_train_steps)
     num_classes, drop_prob = cfg.model.num_classes, cfg.training.cond_drop_prob
     half = cfg.training.half_precision
+    accum = cfg.training.grad_accum_steps
+    check_divisible(cfg.data.batch_size, mesh, accum)
     seed = cfg.seed
     traces = [0]
 
@@ -81,7 +83,7 @@ def make_train_step(
         params: PyTree, static: PyTree, images: Images, labels: Int[Array, " b"], keys: Keys,
         use_sc: Bool[Array, ""], process: GaussianDiffusion,
     ) -> tuple[Float[Array, ""], PyTree]:
-        def mean_loss(p: PyTree) -> Float[Array, ""]:
+        def mean_loss(p: PyTree, images: Images, labels: Int[Array, " m"], keys: Keys) -> Float[Array, ""]:
             model: Denoiser = eqx.combine(p, static)
             if half:
                 model = HalfPrecision(model)
@@ -92,7 +94,21 @@ def make_train_step(
             # cotangent of the replicated params is then the mean gradient, not n times it.
             return jax.lax.pmean(jnp.mean(losses), AXIS)
 
-        return jax.value_and_grad(mean_loss)(params)
+        if accum == 1:
+            return jax.value_and_grad(mean_loss)(params, images, labels, keys)
+        # Equal micro-batches, so the mean of their mean losses (and gradients) is the batch's.
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]),
+                                       (images, labels, keys))
+
+        def add_micro_batch(total: tuple[Float[Array, ""], PyTree], batch: Any) -> tuple[Any, None]:
+            loss, grads = jax.value_and_grad(mean_loss)(params, *batch)
+            return jax.tree_util.tree_map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+        # A loop, so that one micro-batch's activations are freed before the next one's (unrolled, XLA:CPU
+        # kept them all: no memory saved). On CPU the loop costs time: train() warns.
+        total, _ = jax.lax.scan(add_micro_batch, zeros, micro)
+        return jax.tree_util.tree_map(lambda x: x / accum, total)
 
     @eqx.filter_jit(donate="all")
     def train_step(state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:

@@ -92,7 +92,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     setup_logging()
     workdir = Path(workdir)
     mesh = make_mesh()
-    check_divisible(cfg.data.batch_size, mesh)
+    check_divisible(cfg.data.batch_size, mesh, cfg.training.grad_accum_steps)
     optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
     process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
     iterator = make_train_iterator(cfg.data, seed=cfg.seed)
@@ -116,6 +116,10 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d, malloc %s", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
+    if cfg.training.grad_accum_steps > 1 and jax.default_backend() == "cpu":
+        log.warning("training.grad_accum_steps=%d on a CPU: XLA:CPU runs the convolutions of a loop body several "
+                    "times slower (jax-ml/jax#12868; 2 micro-batches: 5x here); use it only if the batch does not "
+                    "fit in memory otherwise", cfg.training.grad_accum_steps)
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
@@ -300,7 +304,7 @@ def validate_setup(cfg: Config) -> None:
     """
     try:
         eqx.filter_eval_shape(build_model, cfg)  # constructs nothing, checks the sizes
-        check_divisible(cfg.data.batch_size, make_mesh())
+        check_divisible(cfg.data.batch_size, make_mesh(), cfg.training.grad_accum_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     info = prepare_dataset(cfg.data)

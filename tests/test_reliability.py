@@ -33,6 +33,8 @@ def _one_line_error(result, code, *fragments):  # noqa: ANN001, ANN202
     [
         (["data.image_size=29"], 2, ["image_size 29 is not divisible by 2", "use 28 or 30"]),
         (["data.batch_size=7"], 2, ["global batch 7 does not divide by the 2 devices"]),
+        (["training.grad_accum_steps=3"], 2, ["training.grad_accum_steps=3 does not divide the 4 examples each of the 2 "
+                                              "devices gets (data.batch_size=8); use a divisor of 4 (e.g. 2, 4)"]),
         (["data.channels=2"], 2, ["data.channels must be 1 or 3"]),
         (["model.num_classes=7"], 2, ["fashion_mnist has 10 classes"]),
         (["data.dataset=no_such_dataset_xyz"], 1, ["no_such_dataset_xyz"]),
@@ -74,6 +76,8 @@ def test_a_config_json_written_before_an_option_existed_is_the_same_run():
     new = to_dict(apply_overrides(Config(), ["optim.lr=5e-4"]))
     old = json.loads(json.dumps(new))  # as config.json reads back: tuples are lists
     assert cli._config_differences(old, new) == []
+    accumulating = to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "training.grad_accum_steps=4"]))
+    assert cli._config_differences(old, accumulating) == []  # the same run on a smaller machine
     del old["training"]["eval_num"], old["model"]["dim_mults"], old["seed"]
     assert cli._config_differences(old, new) == []
     changed = to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "training.eval_num=5", "seed=7"]))

@@ -20,6 +20,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from ddpm_eqx._types import Image, Images, Keys, Label
 from ddpm_eqx.config import Config
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
+from ddpm_eqx.logging_utils import log
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
 from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
 
@@ -76,6 +77,10 @@ def make_train_step(
     half = cfg.training.half_precision
     accum = cfg.training.grad_accum_steps
     check_divisible(cfg.data.batch_size, mesh, accum)
+    if accum > 1 and jax.default_backend() == "cpu":
+        log.warning("training.grad_accum_steps=%d on a CPU: XLA:CPU runs the convolutions of a loop body several "
+                    "times slower (jax-ml/jax#12868; 2 micro-batches: 5x here); use it only if the batch does not "
+                    "fit in memory otherwise", accum)
     seed = cfg.seed
     traces = [0]
 
@@ -106,7 +111,7 @@ def make_train_step(
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
         # A loop, so that one micro-batch's activations are freed before the next one's (unrolled, XLA:CPU
-        # kept them all: no memory saved). On CPU the loop costs time: train() warns.
+        # kept them all: no memory saved). On CPU the loop costs time: warned above.
         total, _ = jax.lax.scan(add_micro_batch, zeros, micro)
         return jax.tree_util.tree_map(lambda x: x / accum, total)
 

@@ -116,10 +116,6 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d, malloc %s", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
-    if cfg.training.grad_accum_steps > 1 and jax.default_backend() == "cpu":
-        log.warning("training.grad_accum_steps=%d on a CPU: XLA:CPU runs the convolutions of a loop body several "
-                    "times slower (jax-ml/jax#12868; 2 micro-batches: 5x here); use it only if the batch does not "
-                    "fit in memory otherwise", cfg.training.grad_accum_steps)
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None

@@ -7,6 +7,7 @@ jaxtyping annotations (shapes included) while the tests run.
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -138,3 +139,26 @@ def reference_run(fashion_mnist_data_dir: str, tmp_path_factory: pytest.TempPath
             (tmp / "result.json").write_text(json.dumps([done.args, done.returncode, done.stdout, done.stderr]))
             (tmp / "ready").touch()
     return tmp / "run", subprocess.CompletedProcess(*json.loads((tmp / "result.json").read_text()))
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged() -> Iterator[list[str]]:
+    """The warnings of the ``ddpm_eqx`` logger during the test (it stops propagating to pytest's
+    handlers once the CLI's logging is set up in the process, so caplog would miss them)."""
+    from ddpm_eqx.logging_utils import log
+
+    handler = _Messages()
+    log.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)

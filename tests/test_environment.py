@@ -1,7 +1,5 @@
 """The environment stored with each checkpoint, and the warning when a run resumes under another one."""
 
-import logging
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ import pytest
 
 from ddpm_eqx.checkpoint import Checkpointer
 from ddpm_eqx.environment import describe, differences
-from ddpm_eqx.logging_utils import log
 from ddpm_eqx.state import TrainState
 from ddpm_eqx.train import _restore
 
@@ -34,23 +31,6 @@ def test_differences_name_each_change_and_skip_what_an_older_checkpoint_lacks():
     was = {"python": "3.11.9", "packages": {"jax": "0.10.2", "grain": "0.2.18", "numpy": "2.1.0"}, "devices": 8}
     assert differences(was, now) == ["jax 0.10.2 -> 0.10.3", "grain 0.2.18 -> absent", "devices 8 -> 2"]
     assert differences({"packages": {"wandb": "0.31.0"}, "gpu_count": 1}, now) == ["wandb 0.31.0 -> absent"]
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_logged():
-    handler = _Lines()
-    log.addHandler(handler)  # the package logger does not propagate once the CLI has set it up
-    yield handler.lines
-    log.removeHandler(handler)
 
 
 def _state(w: jax.Array) -> TrainState:

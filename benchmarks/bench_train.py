@@ -74,7 +74,8 @@ def main() -> None:
 
     cfg = apply_overrides(load_config_file(args.config), [f"data.batch_size={args.batch}", *args.overrides])
     mesh = make_mesh()
-    out: dict[str, float | int | str] = {"config": args.config, "batch": args.batch, "devices": mesh.devices.size,
+    out: dict[str, float | int | str] = {"config": args.config, "overrides": " ".join(args.overrides),
+                                         "batch": args.batch, "devices": mesh.devices.size,
                                          "backend": jax.default_backend(), "malloc": allocator.active() or "system"}
     t = time.perf_counter()
     state, process, optimizer = build_state(cfg)

@@ -22,6 +22,7 @@ def test_bench_train_json_figures_agree_with_each_other():
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
     d = json.loads(out)
     assert d["devices"] == 2 and d["batch"] == 8 and d["backend"] == "cpu"
+    assert d["overrides"] == " ".join(sets)  # what was measured is named in the figures
     # Like the CLI, the benchmark measures under the caching allocator where it applies.
     assert d["malloc"] == ("tbbmalloc" if preload_env(env) is not None else "system")
     assert 0 < d["params"] < 200_000  # the tiny U-Net, not the config file's own

@@ -5,7 +5,8 @@
 
 Prints: parameters, compile time of the train step (and its tracing part), steps/s (median over
 --steps), images/s, the model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the
-float32 matmul peak measured in the same run (a 2048x2048 jnp.dot), their ratio; the compile time of
+float32 matmul peak measured in the same run (a 2048x2048 jnp.dot), their ratio; on a TPU/GPU listed in
+PUBLISHED_BF16_TFLOPS (or with --peak-tflops) the MFU against the chip's published bf16 peak; the compile time of
 the default sampler over all timesteps (DDPM-1000, one lax.scan; compiled, not run), the timed DDIM
 sampler's compile + first call and per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every
 sampler step is one network call on the batch); peak RSS, and the kernel time and page faults per train
@@ -47,6 +48,25 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
+# Dense bf16 peak per JAX device (TFLOP/s, without sparsity), from the vendors' spec sheets, matched in order
+# against `device.device_kind`: the issue's MFU "against the chip's published peak".
+PUBLISHED_BF16_TFLOPS = (
+    ("TPU v6 lite", 918.0),  # v6e (Trillium), cloud.google.com/tpu/docs/v6e
+    ("TPU v5 lite", 197.0),  # v5e, cloud.google.com/tpu/docs/v5e
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v4", 275.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def published_peak_tflops(device_kind: str) -> float | None:
+    """The chip's published dense bf16 peak, or None where it is not listed (CPUs)."""
+    return next((peak for name, peak in PUBLISHED_BF16_TFLOPS if name in device_kind), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist.py")
@@ -57,6 +77,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (one lax.scan)")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the chip's peak for `mfu` where PUBLISHED_BF16_TFLOPS does not list it")
     args = parser.parse_args()
     allocator.reexec_with_caching_allocator()
     set_host_device_count(args.host_devices)
@@ -118,6 +140,11 @@ def main() -> None:
     out["achieved_gflops"] = out["gflop_per_step"] / median  # type: ignore[operator]
     out["matmul_peak_gflops"] = matmul_peak_gflops()
     out["fraction_of_peak"] = out["achieved_gflops"] / out["matmul_peak_gflops"]  # type: ignore[operator]
+    out["device_kind"] = jax.devices()[0].device_kind
+    peak = args.peak_tflops or published_peak_tflops(str(out["device_kind"]))
+    if peak:  # model FLOPs utilisation: the whole batch's FLOPs against every device's peak
+        out["published_peak_tflops"] = peak
+        out["mfu"] = out["achieved_gflops"] / (peak * 1e3 * mesh.devices.size)  # type: ignore[operator]
     # Kernel time (page faults of XLA's per-execution buffers, thread wake-ups) and user time per step.
     out["sys_s_per_step"] = (cpu1.system - cpu0.system) / args.steps
     out["user_s_per_step"] = (cpu1.user - cpu0.user) / args.steps

@@ -1,5 +1,6 @@
 """The benchmark's figures are consistent with each other (a broken benchmark would mislead quietly)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -17,11 +18,13 @@ def test_bench_train_json_figures_agree_with_each_other():
     sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "configs/fashion_mnist_cpu.py",
            "--batch", "8", "--host-devices", "2", "--steps", "3", "--sample-batch", "4", "--sample-steps", "2",
-           "--json", *[a for s in sets for a in ("--set", s)]]
+           "--peak-tflops", "0.05", "--json", *[a for s in sets for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items() if k != "DDPM_EQX_MALLOC"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
     d = json.loads(out)
     assert d["devices"] == 2 and d["batch"] == 8 and d["backend"] == "cpu"
+    assert d["device_kind"] == "cpu" and d["published_peak_tflops"] == 0.05  # a CPU has none: given here
+    assert math.isclose(d["mfu"], d["achieved_gflops"] / (0.05e3 * 2), rel_tol=1e-9)  # over both devices' peaks
     assert d["overrides"] == " ".join(sets)  # what was measured is named in the figures
     # Like the CLI, the benchmark measures under the caching allocator where it applies.
     assert d["malloc"] == ("tbbmalloc" if preload_env(env) is not None else "system")
@@ -36,3 +39,12 @@ def test_bench_train_json_figures_agree_with_each_other():
     assert d["ddpm1000_compile_s"] > 0 and d["sampler_compile_and_first_s"] > 0
     assert d["page_faults_per_step"] >= 0 and d["sys_s_per_step"] >= 0 and d["user_s_per_step"] > 0
     assert d["peak_rss_mib"] > 100
+
+
+def test_published_peaks_match_the_device_kinds_jax_reports():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kinds = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "NVIDIA H100 80GB HBM3": 989.0,
+             "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0, "cpu": None}
+    assert {kind: bench.published_peak_tflops(kind) for kind in kinds} == kinds

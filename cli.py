@@ -89,18 +89,20 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     """
     from ddpm_eqx.config import Config, to_dict
 
+    def as_read(value: object) -> object:  # config.json reads tuples back as lists
+        return list(value) if isinstance(value, tuple) else value
+
     defaults, diffs = to_dict(Config()), []
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
             continue
         if isinstance(values, dict):
             for k, v in values.items():
-                default = defaults[section][k]
-                before = old.get(section, {}).get(k, list(default) if isinstance(default, tuple) else default)
-                if (list(v) if isinstance(v, tuple) else v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
+                before = old.get(section, {}).get(k, as_read(defaults[section][k]))
+                if as_read(v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
-        elif old.get(section, defaults[section]) != values:
-            diffs.append(f"{section}: {old.get(section, defaults[section])!r} -> {values!r}")
+        elif (before := old.get(section, defaults[section])) != values:
+            diffs.append(f"{section}: {before!r} -> {values!r}")
     return diffs
 
 

@@ -8,10 +8,11 @@ import optax
 import pytest
 
 from ddpm_eqx.config import Config, apply_overrides
+from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
 from ddpm_eqx.state import init_state
 from ddpm_eqx.step import make_train_step
-from ddpm_eqx.train import build_state
+from ddpm_eqx.train import build_model, build_state
 
 TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
         "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100",
@@ -65,8 +66,8 @@ def test_gradient_accumulation_is_the_same_update_in_less_memory(warnings_logged
         # One resolution level: half the compile time, and accumulation does not depend on the depth.
         cfg = apply_overrides(Config(), TINY + ["data.batch_size=32", "model.num_classes=10", "model.dim_mults=1",
                                                 f"training.grad_accum_steps={k}"])
-        model, process, _ = build_state(cfg)
-        state, process = replicate(init_state(model.model, sgd), mesh), replicate(process, mesh)
+        process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
+        state, process = replicate(init_state(build_model(cfg), sgd), mesh), replicate(process, mesh)
         step = make_train_step(cfg, process, sgd, mesh)
         compiled = eqx.filter_jit(step._fn).lower(state, *batch).compile()
         temp_bytes[k] = compiled.compiled.memory_analysis().temp_size_in_bytes

@@ -67,6 +67,37 @@ def published_peak_tflops(device_kind: str) -> float | None:
     return next((peak for name, peak in PUBLISHED_BF16_TFLOPS if name in device_kind), None)
 
 
+def checkpoint_figures(state: object, saves: int, *, orbax_default: bool) -> dict[str, float | int]:
+    """What a run pays per checkpoint of ``state``: the time ``Checkpointer.save`` blocks the training loop
+    (first save, then the median of the others) and until the checkpoint is committed (median)."""
+    import tempfile
+
+    import equinox as eqx
+    import jax
+    import orbax.checkpoint as ocp
+
+    from ddpm_eqx import checkpoint
+
+    if orbax_default:  # the handler Orbax's StandardSave would use: replica-parallel on CPU and TPU
+        from orbax.checkpoint._src.metadata.array_metadata_store import Store
+
+        stock = ocp.type_handlers.ArrayHandler(array_metadata_store=Store())
+        checkpoint._array_registry = lambda: ocp.type_handlers.create_type_handler_registry((jax.Array, stock))
+    blocking, committed = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as directory:
+        ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
+        for i in range(saves):
+            t = time.perf_counter()
+            ckpt.save(i, state, {}, {})
+            blocking.append(time.perf_counter() - t)
+            ckpt.wait()
+            committed.append(time.perf_counter() - t)
+        ckpt.close()
+    return {"checkpoint_first_save_s": blocking[0], "checkpoint_save_s": statistics.median(blocking[1:] or blocking),
+            "checkpoint_committed_s": statistics.median(committed[1:] or committed),
+            "checkpoint_arrays": len(jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array)))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist.py")
@@ -79,6 +110,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the chip's peak for `mfu` where PUBLISHED_BF16_TFLOPS does not list it")
+    parser.add_argument("--checkpoint-saves", type=int, default=4, help="checkpoints of the state timed (0: none)")
+    parser.add_argument("--orbax-default-handler", action="store_true",
+                        help="save with Orbax's stock array handler (replica-parallel writes) instead of ddpm-eqx's")
     args = parser.parse_args()
     allocator.reexec_with_caching_allocator()
     set_host_device_count(args.host_devices)
@@ -167,6 +201,8 @@ def main() -> None:
     out["sampler_step_s"] = per_step
     out["ddpm1000_images_per_s"] = args.sample_batch / (1000 * per_step)
     out["ddim50_images_per_s"] = args.sample_batch / (50 * per_step)
+    if args.checkpoint_saves > 0:
+        out.update(checkpoint_figures(state, args.checkpoint_saves, orbax_default=args.orbax_default_handler))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         print(json.dumps(out, indent=2))

@@ -123,6 +123,23 @@ def _not_orbax_read_only_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Given directory is read only")
 
 
+def _array_registry() -> Any:  # a TypeHandlerRegistry (a Protocol that beartype cannot check)
+    """Orbax's handler for ``jax.Array``, with replica-parallel writes only where they help.
+
+    By default Orbax splits every replicated array between the devices holding a copy, and each device
+    writes its part: on a pod, every host writes a share. In a single process all the parts are written by
+    the same process anyway, and cutting them costs one device slice per array and device, dispatched before
+    ``save`` returns (and compiled per shape on the run's first save): the seed's fashion_mnist state
+    (875 arrays, 153 MiB, 2 host devices) blocked training 1.2-1.6 s per save and 5.7 s on the first, against
+    0.24-0.47 s without (benchmarks/RESULTS.md). The files hold the same arrays either way.
+    """
+    from orbax.checkpoint._src.metadata.array_metadata_store import Store  # what Orbax's default handler uses
+
+    replica_parallel = None if jax.process_count() > 1 else False  # None: Orbax's default for the platform
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel, array_metadata_store=Store())
+    return ocp.type_handlers.create_type_handler_registry((jax.Array, handler))
+
+
 class Checkpointer:
     """A thin wrapper around ``ocp.CheckpointManager`` with items ``state``, ``data`` and ``meta``."""
 
@@ -132,10 +149,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
         )
+        handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry()),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         absl_log = logging.getLogger("absl")
         absl_log.addFilter(_not_orbax_read_only_notice)
         try:
-            self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=options)
+            self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
         finally:
             absl_log.removeFilter(_not_orbax_read_only_notice)
         self._pending: int | None = None  # the step of an asynchronous save that may still be running
@@ -149,7 +168,7 @@ class Checkpointer:
         self.wait()  # Orbax waits for the previous save anyway; here its failure is reported as its own step
         self._check_space(step, arrays)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays),
+            state=ocp.args.PyTreeSave(arrays),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
@@ -248,7 +267,8 @@ class Checkpointer:
         result = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+                state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
         state = result.state if convert is None else convert(result.state)

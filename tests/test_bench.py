@@ -18,7 +18,7 @@ def test_bench_train_json_figures_agree_with_each_other():
     sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "configs/fashion_mnist_cpu.py",
            "--batch", "8", "--host-devices", "2", "--steps", "3", "--sample-batch", "4", "--sample-steps", "2",
-           "--peak-tflops", "0.05", "--json", *[a for s in sets for a in ("--set", s)]]
+           "--peak-tflops", "0.05", "--checkpoint-saves", "2", "--json", *[a for s in sets for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items() if k != "DDPM_EQX_MALLOC"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
     d = json.loads(out)
@@ -39,6 +39,16 @@ def test_bench_train_json_figures_agree_with_each_other():
     assert d["ddpm1000_compile_s"] > 0 and d["sampler_compile_and_first_s"] > 0
     assert d["page_faults_per_step"] >= 0 and d["sys_s_per_step"] >= 0 and d["user_s_per_step"] > 0
     assert d["peak_rss_mib"] > 100
+    # Every array of the train state is checkpointed; a save returns before its checkpoint is committed.
+    import jax
+
+    from ddpm_eqx.config import apply_overrides, load_config_file
+    from ddpm_eqx.train import state_skeleton
+
+    skeleton = state_skeleton(apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist_cpu.py"), sets))
+    leaves = jax.tree_util.tree_leaves(skeleton)
+    assert d["checkpoint_arrays"] == sum(isinstance(x, jax.ShapeDtypeStruct) for x in leaves) > 100
+    assert 0 < d["checkpoint_save_s"] < d["checkpoint_committed_s"] and d["checkpoint_first_save_s"] > 0
 
 
 def test_published_peaks_match_the_device_kinds_jax_reports():

@@ -10,8 +10,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
         "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=1000",
-        "sampling.sampler=ddim", "sampling.steps=5", "training.num_sample=4", "training.log_every_steps=2",
+        "sampling.sampler=ddim", "sampling.steps=5", "training.num_sample=0", "training.log_every_steps=2",
         "training.save_and_sample_every=2", "training.max_to_keep=10"]
+SAMPLES = "training.num_sample=4"
+"""Sample grids at every checkpoint (TINY has none: the sampler's first call costs a CLI run ~5 s of tracing,
+and only the reference run and the multi-process run look at the grids)."""
 
 
 NO_LLVM_OPT = "--xla_backend_optimization_level=0"

@@ -1,10 +1,12 @@
-"""Run a few train steps of a tiny model on N fake CPU devices; save the parameters (for test_parallel)."""
+"""Run a few train steps of a tiny model on meshes of N fake CPU devices, for each N given, in one process;
+save each run's parameters (for test_parallel). One process: its imports and JAX's tracing caches are paid once."""
 
 import sys
+from pathlib import Path
 
 from ddpm_eqx.parallel import set_host_device_count
 
-set_host_device_count(int(sys.argv[1]))
+set_host_device_count(max(int(n) for n in sys.argv[1].split(",")))
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -23,24 +25,28 @@ TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "mo
         "ddpm.self_condition=true"]
 
 
-def main(devices: int, out: str, optimizer_name: str) -> None:
+def main(counts: list[int], out: Path, optimizer_name: str) -> None:
     cfg = apply_overrides(Config(), TINY)
-    mesh = make_mesh()
-    assert mesh.devices.size == devices
     optimizer = optax.sgd(1e-3) if optimizer_name == "sgd" else optax.adam(1e-3)
-    state = replicate(init_state(build_model(cfg), optimizer), mesh)
-    initial = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))]
-    process = replicate(make_diffusion(cfg.ddpm, "l2"), mesh)
-    step = make_train_step(cfg, process, optimizer, mesh)
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        images = rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32)
-        labels = np.zeros((8,), np.int32)
-        state, metrics = step(state, *shard_batch((images, labels), mesh))
-    leaves = jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))
-    moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(leaves, initial))
-    np.savez(out, *[np.asarray(x) for x in leaves], loss=np.asarray(metrics["loss"]), traces=step.traces, moved=moved)
+    model = build_model(cfg)
+    for devices in counts:
+        mesh = make_mesh(jax.devices()[:devices])
+        state = replicate(init_state(model, optimizer), mesh)
+        initial = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))]
+        process = replicate(make_diffusion(cfg.ddpm, "l2"), mesh)
+        step = make_train_step(cfg, process, optimizer, mesh)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            images = rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32)
+            labels = np.zeros((8,), np.int32)
+            state, metrics = step(state, *shard_batch((images, labels), mesh))
+        assert {d for x in jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array)) for d in x.devices()} == set(
+            mesh.devices.flat)
+        leaves = jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))
+        moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(leaves, initial))
+        np.savez(out / f"{devices}.npz", *[np.asarray(x) for x in leaves], loss=np.asarray(metrics["loss"]),
+                 traces=step.traces, moved=moved)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main([int(n) for n in sys.argv[1].split(",")], Path(sys.argv[2]), sys.argv[3])

@@ -130,12 +130,13 @@ def reference_run(fashion_mnist_data_dir: str, tmp_path_factory: pytest.TempPath
 
     The reference for the resume tests; copy it before changing anything in it (xdist workers share it).
     """
-    from _cli import _train
+    from _cli import SAMPLES, _train
 
     with _built_once(tmp_path_factory, "reference_run") as (tmp, ready):
         if not ready:
             # The run's XLA cache is this worker's, as for every other CLI run of its tests (``_cli._env``).
-            done = _train(fashion_mnist_data_dir, tmp / "run", 8, tmp_path_factory.getbasetemp() / "reference_run")
+            done = _train(fashion_mnist_data_dir, tmp / "run", 8, tmp_path_factory.getbasetemp() / "reference_run",
+                          SAMPLES)
             (tmp / "result.json").write_text(json.dumps([done.args, done.returncode, done.stdout, done.stderr]))
             (tmp / "ready").touch()
     return tmp / "run", subprocess.CompletedProcess(*json.loads((tmp / "result.json").read_text()))

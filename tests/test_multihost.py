@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from _cli import _env, _final_params, _train_args
+from _cli import SAMPLES, _env, _final_params, _train_args
 
 
 def _free_port() -> int:
@@ -20,7 +20,7 @@ def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_di
     workdir, port = tmp_path / "run", _free_port()
     procs = []
     for pid in range(2):
-        args = _train_args(fashion_mnist_data_dir, workdir, 4)
+        args = _train_args(fashion_mnist_data_dir, workdir, 4, SAMPLES)
         args = [a if a != "2" or args[i - 1] != "--host-devices" else "1" for i, a in enumerate(args)]
         args += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
         procs.append(subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

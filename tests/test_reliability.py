@@ -114,7 +114,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_r
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fashion_mnist_data_dir, tmp_path):
     workdir = tmp_path / "nan"
     result = _run(_train_args(fashion_mnist_data_dir, workdir, 200, "optim.lr=1e30", "training.loss_type=l2",
-                              "training.save_and_sample_every=1", "training.num_sample=0"), tmp_path)
+                              "training.save_and_sample_every=1"), tmp_path)
     _one_line_error(result, 1, "at step", "the last good checkpoint is step", "Lower optim.lr")
     message = [line for line in result.stderr.splitlines() if line.startswith("error: ")][0]
     bad_step = int(message.split("at step ")[1].split(";")[0])
@@ -167,7 +167,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         workdir = mount / "run"
-        result = _run(_train_args(fashion_mnist_data_dir, workdir, 12, "training.num_sample=0"), tmp_path)
+        result = _run(_train_args(fashion_mnist_data_dir, workdir, 12), tmp_path)
         assert result.returncode == 1, result.stderr[-2000:]
         # One line, not Orbax's echoes of the failure (its threads' error logs, "Event loop is closed"):
         # either the free-space check refuses the save, or the disk fills mid-write and the CLI drops those.
@@ -228,7 +228,7 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
         monkeypatch.setattr(MetricsWriter, "write", failing_write)
     cfg = apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"),
                           [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8",
-                           "training.num_sample=0", "wandb.mode=disabled"])
+                           "wandb.mode=disabled"])
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(to_json(cfg))  # as the CLI writes it; _final_params reads it

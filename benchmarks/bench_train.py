@@ -74,15 +74,12 @@ def checkpoint_figures(state: object, saves: int, *, orbax_default: bool) -> dic
 
     import equinox as eqx
     import jax
-    import orbax.checkpoint as ocp
 
     from ddpm_eqx import checkpoint
 
     if orbax_default:  # the handler Orbax's StandardSave would use: replica-parallel on CPU and TPU
-        from orbax.checkpoint._src.metadata.array_metadata_store import Store
-
-        stock = ocp.type_handlers.ArrayHandler(array_metadata_store=Store())
-        checkpoint._array_registry = lambda: ocp.type_handlers.create_type_handler_registry((jax.Array, stock))
+        registry = checkpoint._array_registry
+        checkpoint._array_registry = lambda: registry(orbax_default=True)
     blocking, committed = [], []
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as directory:
         ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)

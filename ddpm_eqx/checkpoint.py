@@ -123,19 +123,20 @@ def _not_orbax_read_only_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Given directory is read only")
 
 
-def _array_registry() -> Any:  # a TypeHandlerRegistry (a Protocol that beartype cannot check)
+def _array_registry(*, orbax_default: bool = False) -> Any:  # a TypeHandlerRegistry (a Protocol beartype cannot check)
     """Orbax's handler for ``jax.Array``, with replica-parallel writes only where they help.
 
     By default Orbax splits every replicated array between the devices holding a copy, and each device
     writes its part: on a pod, every host writes a share. In a single process all the parts are written by
     the same process anyway, and cutting them costs one device slice per array and device, dispatched before
     ``save`` returns (and compiled per shape on the run's first save): the seed's fashion_mnist state
-    (875 arrays, 153 MiB, 2 host devices) blocked training 1.2-1.6 s per save and 5.7 s on the first, against
-    0.24-0.47 s without (benchmarks/RESULTS.md). The files hold the same arrays either way.
+    (875 arrays, 153 MiB, 2 host devices) blocked training 1.2-1.6 s per save and 5.4-5.7 s on the first, against
+    0.24-0.89 s and 0.42-0.47 s without (benchmarks/RESULTS.md). The files hold the same arrays either way.
+    ``orbax_default``: Orbax's stock handler everywhere (what ``bench_train.py --orbax-default-handler`` measures).
     """
     from orbax.checkpoint._src.metadata.array_metadata_store import Store  # what Orbax's default handler uses
 
-    replica_parallel = None if jax.process_count() > 1 else False  # None: Orbax's default for the platform
+    replica_parallel = None if orbax_default or jax.process_count() > 1 else False  # None: Orbax's default
     handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel, array_metadata_store=Store())
     return ocp.type_handlers.create_type_handler_registry((jax.Array, handler))
 

@@ -4,16 +4,15 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _cli import ROOT
 
 # Saves a replicated state of a few distinct shapes twice, logging every XLA compile, then restores it.
 _SCRIPT = textwrap.dedent("""
     import json, logging, sys
     from ddpm_eqx.parallel import set_host_device_count
     set_host_device_count(2)
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, numpy as np
     from jax.sharding import NamedSharding
     from ddpm_eqx.checkpoint import Checkpointer
     from ddpm_eqx.parallel import P, make_mesh

@@ -10,13 +10,19 @@ VENV=${VENV:-.venv}
 
 install() {
   if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   # [prepare] brings TensorFlow, which TFDS needs to prepare built-in datasets (reading does not).
   # constraints.txt holds the versions the tests last passed with, so an upstream release cannot change
   # a run (or break CI) between two installs; DDPM_EQX_UNPINNED=1 installs the newest allowed instead.
   local pins=(-c constraints.txt)
   if [ -n "${DDPM_EQX_UNPINNED:-}" ]; then pins=(); fi
-  "$VENV/bin/pip" install -q -e ".[prepare,test]" "${pins[@]}"
+  # uv installs the same versions as pip in a quarter of the time (26 s against 1:41 into a fresh venv);
+  # where uv cannot be installed, pip does it.
+  if "$VENV/bin/pip" install -q uv "${pins[@]}" 2>/dev/null; then
+    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" -e ".[prepare,test]" "${pins[@]}"
+  else
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e ".[prepare,test]" "${pins[@]}"
+  fi
 }
 
 link_offline_archives() {

@@ -59,7 +59,7 @@ case "${1:-}" in
     trap 'rm -rf "$scratch"' EXIT
     VENV=$scratch/venv DDPM_EQX_UNPINNED=1 install
     {
-      echo "# The versions ./run.sh installs (pip -c): resolved by \`./run.sh lock\` on $(date -u +%Y-%m-%d),"
+      echo "# The versions ./run.sh installs (-c): resolved by \`./run.sh lock\` on $(date -u +%Y-%m-%d),"
       echo "# Python $("$scratch/venv/bin/python" -c 'import platform; print(platform.python_version())'), $(uname -s) $(uname -m). After a relock, run ./run.sh test."
       "$scratch/venv/bin/pip" freeze --exclude-editable | grep -v '^-e '
     } > constraints.txt.new

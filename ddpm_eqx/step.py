@@ -8,6 +8,7 @@ resumed run draws exactly what an uninterrupted one would have.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import equinox as eqx
@@ -18,7 +19,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ddpm_eqx._types import Image, Images, Keys, Label
-from ddpm_eqx.config import Config
+from ddpm_eqx.trace_cache import load_or_export
+from ddpm_eqx.config import Config, to_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.logging_utils import log
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
@@ -65,12 +67,16 @@ def example_loss(
 
 
 def make_train_step(
-    cfg: Config, process: GaussianDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh
+    cfg: Config, process: GaussianDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+    trace_cache: Path | None = None,
 ) -> "TrainStep":
     """Build ``train_step(state, images, labels) -> (state, metrics)``, jitted, state donated.
 
     ``images``/``labels`` are global arrays split over the mesh axis ``data``. ``train_step.traces``
-    counts how often it was traced (the whole run must compile it once).
+    counts how often it was traced (the whole run must compile it once). With ``trace_cache`` (a folder;
+    see :mod:`ddpm_eqx.trace_cache`) the traced program is stored there and a later process with the same
+    code, environment, config and argument shapes reads it instead of tracing; only where ``cfg`` alone
+    determines ``process`` and ``optimizer``, as in :func:`ddpm_eqx.train.train`.
     """
     lr_schedule = learning_rate_schedule(cfg.optim, cfg.training.num_train_steps)
     num_classes, drop_prob = cfg.model.num_classes, cfg.training.cond_drop_prob
@@ -115,7 +121,6 @@ def make_train_step(
         total, _ = jax.lax.scan(add_micro_batch, zeros, micro)
         return jax.tree_util.tree_map(lambda x: x / accum, total)
 
-    @eqx.filter_jit(donate="all")
     def train_step(state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
         traces[0] += 1
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -137,19 +142,58 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr_schedule(state.step))}
         return TrainState(state.step + 1, model, ema_model, opt_state), metrics
 
-    return TrainStep(train_step, traces)
+    return TrainStep(train_step, traces, trace_cache=trace_cache, determines=to_json(cfg))
+
+
+StepFn = Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]]
 
 
 class TrainStep:
     """The compiled step, with ``traces``: how often JAX traced it (a run must trace it once)."""
 
-    def __init__(self, fn: Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]],
-                 traces: list[int]):
-        self._fn, self._traces = fn, traces
+    def __init__(self, fn: StepFn, traces: list[int], *, trace_cache: Path | None = None, determines: str = ""):
+        self._raw, self._traces = fn, traces
+        self._fn = eqx.filter_jit(fn, donate="all")
+        self._trace_cache, self._determines = trace_cache, determines
+        self._stored: Callable[..., tuple[list[Array], Metrics]] | None = None
 
     @property
     def traces(self) -> int:
         return self._traces[0]
 
     def __call__(self, state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
-        return self._fn(state, images, labels)
+        if self._trace_cache is None:
+            return self._fn(state, images, labels)
+        arrays, static = eqx.partition(state, eqx.is_array)
+        leaves, treedef = jax.tree_util.tree_flatten(arrays)
+        if self._stored is None:
+            self._stored = self._load_or_export(leaves, treedef, static, images, labels)
+        new_leaves, metrics = self._stored(leaves, images, labels)
+        return eqx.combine(jax.tree_util.tree_unflatten(treedef, new_leaves), static), metrics
+
+    def _load_or_export(self, leaves: list[Array], treedef: Any, static: Any, images: Images,
+                        labels: Int[Array, " b"]) -> Callable[..., tuple[list[Array], Metrics]]:
+        """The step as a function of the state's array leaves (what ``jax.export`` can serialise)."""
+
+        def on_leaves(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
+            state = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
+            new_state, metrics = self._raw(state, images, labels)
+            new_leaves, new_treedef = jax.tree_util.tree_flatten(eqx.filter(new_state, eqx.is_array))
+            if new_treedef != treedef:  # the caller rebuilds the state from the input's structure
+                raise ValueError("the train step changed the structure of the state")
+            return new_leaves, metrics
+
+        assert self._trace_cache is not None
+        shardings = ([x.sharding for x in leaves], images.sharding, labels.sharding)
+        traced_before = self._traces[0]
+        exported, loaded = load_or_export(
+            "train_step", on_leaves, (leaves, images, labels), determines=self._determines,
+            directory=self._trace_cache, in_shardings=shardings, donate_argnums=(0,))
+        log.info("train step %s %s", "read from" if loaded else "traced and stored in", self._trace_cache)
+        self._traces[0] = traced_before  # counted below, once per compile of the stored program
+
+        def call(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
+            self._traces[0] += 1
+            return exported.call(leaves, images, labels)
+
+        return jax.jit(call, donate_argnums=0)

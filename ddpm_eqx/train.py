@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_eqx import allocator
+from ddpm_eqx import allocator, trace_cache
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
@@ -104,7 +104,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     start = int(state.step)
     state = replicate(state, mesh)
     process = replicate(process, mesh)
-    train_step = make_train_step(cfg, process, optimizer, mesh)
+    train_step = make_train_step(cfg, process, optimizer, mesh, trace_cache=trace_cache.default_directory())
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
                              steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,

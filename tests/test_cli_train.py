@@ -51,6 +51,8 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(reference_run, fas
     proc.wait()
     resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path)
     assert "resumed from" in resumed.stderr and "other software or devices" not in resumed.stderr
+    # The killed run stored its traced step beside the XLA cache; the resumed one read it instead of tracing.
+    assert f"train step read from {tmp_path.parent / 'jax_cache' / 'ddpm_eqx_traces'}" in resumed.stderr
     for a, b in zip(_final_params(ref_dir, 8), _final_params(workdir, 8), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -1,0 +1,95 @@
+"""Traced programs kept on disk (``jax.export``): a restarted run skips tracing and lowering its train step.
+
+XLA's persistent cache (the CLI turns it on) skips the *compile* of a program it has seen, but it is keyed by
+the lowered program, so every process still traces the step first: JAX walks the whole U-Net, its gradient
+and the optimizer in Python, ~6-15 s on 2 CPU cores for the seed's model (5-9 s for the tests' tiny one),
+again on every resume of a pre-empted run. Here the traced program is serialised with ``jax.export`` on the
+first run and deserialised on the next (~0.03 s); XLA's cache then serves its compile as before.
+
+A stored program is used only where everything that shapes the trace is the same: the key hashes the
+source of this package, the versions of the libraries and devices (:func:`ddpm_eqx.environment.describe`),
+every ``jax.config`` value, what the caller says determines the function (the config), and the shapes,
+dtypes and shardings of the arguments. ``DDPM_EQX_TRACE_CACHE=0`` turns it off. Files are written whole
+(a temporary file, then a rename); one that cannot be read is replaced, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import export
+
+from ddpm_eqx.environment import describe
+from ddpm_eqx.logging_utils import log
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def enabled() -> bool:
+    """False where ``DDPM_EQX_TRACE_CACHE=0``, or with several processes (each would trace anyway)."""
+    return os.environ.get("DDPM_EQX_TRACE_CACHE", "1") != "0" and jax.process_count() == 1
+
+
+def default_directory() -> Path | None:
+    """``<XLA's persistent cache>/ddpm_eqx_traces``, or None when that cache is off or this one is disabled."""
+    xla_cache = jax.config.values.get("jax_compilation_cache_dir")
+    return Path(xla_cache) / "ddpm_eqx_traces" if xla_cache and enabled() else None
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _describe_args(args: Sequence[Any]) -> list[Any]:
+    return [[list(x.shape), str(x.dtype), str(getattr(x, "sharding", None))] for x in jax.tree_util.tree_leaves(args)]
+
+
+def cache_key(name: str, determines: str, args: Sequence[Any]) -> str:
+    """The file name of ``name``'s program for these arguments (see the module docstring for what it covers)."""
+    parts = {"name": name, "determines": determines, "source": _source_digest(), "environment": describe(),
+             "jax_config": jax.config.values, "args": _describe_args(args)}
+    return f"{name}-{hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]}"
+
+
+def load_or_export(
+    name: str, fn: Callable[..., Any], args: Sequence[Any], *, determines: str, directory: Path,
+    in_shardings: Any = None, donate_argnums: tuple[int, ...] = (),
+) -> tuple[export.Exported, bool]:
+    """``(exported, loaded)``: ``fn`` traced for ``args`` (``jax.jit`` with these shardings and donation), read
+    from ``directory`` when a run before stored it, else traced now and stored.
+
+    ``fn`` takes and returns pytrees of arrays whose containers ``jax.export`` can serialise (lists, tuples,
+    dicts); ``determines`` is everything else ``fn`` depends on, e.g. its config as JSON.
+    """
+    path = directory / f"{cache_key(name, determines, args)}.jaxexport"
+    if path.is_file():
+        try:
+            return export.deserialize(bytearray(path.read_bytes())), True
+        except Exception as e:  # noqa: BLE001  (any unreadable file: trace again and replace it)
+            log.warning("could not read the stored trace %s (%s: %s); tracing again", path, type(e).__name__, e)
+    exported = export.export(jax.jit(fn, in_shardings=in_shardings, donate_argnums=donate_argnums))(*args)
+    tmp: Path | None = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
+        tmp = Path(tmp_name)
+        with os.fdopen(handle, "wb") as f:
+            f.write(exported.serialize())
+        os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk costs the next run a trace, nothing else
+        log.warning("could not store the traced %s in %s: %s", name, directory, e)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return exported, False
+
+
+__all__ = ["cache_key", "default_directory", "enabled", "load_or_export"]

@@ -1,0 +1,96 @@
+"""The stored train step (ddpm_eqx.trace_cache): bitwise the traced one, read back without tracing, keyed on
+everything that shapes the trace, and a damaged file is traced again."""
+
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_eqx import trace_cache
+from ddpm_eqx.config import Config, apply_overrides, to_json
+from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
+from ddpm_eqx.step import make_train_step
+from ddpm_eqx.train import build_state
+
+TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
+        "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100"]
+
+
+def _two_steps(cfg: Config, directory):  # noqa: ANN001, ANN202
+    mesh = make_mesh()
+    state, process, optimizer = build_state(cfg)
+    state, process = replicate(state, mesh), replicate(process, mesh)
+    step = make_train_step(cfg, process, optimizer, mesh, trace_cache=directory)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(2):
+        batch = shard_batch((rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32), np.zeros(8, np.int32)), mesh)
+        state, metrics = step(state, *batch)
+        losses.append(np.asarray(metrics["loss"]))
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array))]
+    return leaves + losses, step.traces, type(state)
+
+
+def _assert_bitwise(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing(tmp_path, monkeypatch, caplog):
+    cfg = apply_overrides(Config(), TINY)
+    reference, _, _ = _two_steps(cfg, None)
+    directory = tmp_path / "traces"
+
+    stored, traces, state_type = _two_steps(cfg, directory)  # traced now, stored
+    _assert_bitwise(stored, reference)
+    assert traces == 1 and state_type.__name__ == "TrainState"
+    [path] = directory.glob("train_step-*.jaxexport")
+    assert not [p for p in directory.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+    def no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("traced although the program was stored")
+
+    with monkeypatch.context() as m:
+        m.setattr(trace_cache.export, "export", no_tracing)
+        read, traces, _ = _two_steps(cfg, directory)
+    _assert_bitwise(read, reference)
+    assert traces == 1
+
+    path.write_bytes(path.read_bytes()[:1000])  # a damaged file: traced again, with a warning, and replaced
+    with caplog.at_level(logging.WARNING, logger="ddpm_eqx"):
+        again, _, _ = _two_steps(cfg, directory)
+    _assert_bitwise(again, reference)
+    assert any("could not read the stored trace" in r.getMessage() for r in caplog.records)
+    assert len(path.read_bytes()) > 1000
+
+
+def test_the_key_covers_config_arguments_source_and_environment(monkeypatch):
+    cfg = to_json(apply_overrides(Config(), TINY))
+    args = ([jnp.zeros((3, 4)), jnp.zeros((), jnp.int32)], jnp.zeros((8, 1, 8, 8)))
+    key = trace_cache.cache_key("train_step", cfg, args)
+    assert key == trace_cache.cache_key("train_step", cfg, args)  # deterministic
+    changed = [
+        trace_cache.cache_key("sampler", cfg, args),
+        trace_cache.cache_key("train_step", to_json(apply_overrides(Config(), [*TINY, "optim.lr=5e-4"])), args),
+        trace_cache.cache_key("train_step", cfg, ([jnp.zeros((3, 5)), args[0][1]], args[1])),  # a shape
+        trace_cache.cache_key("train_step", cfg, ([jnp.zeros((3, 4), jnp.bfloat16), args[0][1]], args[1])),
+    ]
+    monkeypatch.setattr(trace_cache, "_source_digest", lambda: "edited")
+    changed.append(trace_cache.cache_key("train_step", cfg, args))
+    monkeypatch.undo()
+    monkeypatch.setattr(trace_cache, "describe", lambda: {"packages": {"jax": "0.0.1"}})
+    changed.append(trace_cache.cache_key("train_step", cfg, args))
+    monkeypatch.undo()
+    with jax.default_matmul_precision("highest"):  # a jax.config value
+        changed.append(trace_cache.cache_key("train_step", cfg, args))
+    assert len({key, *changed}) == len(changed) + 1, [k == key for k in changed]
+
+
+def test_off_with_the_environment_variable(monkeypatch):
+    monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "0")
+    assert not trace_cache.enabled() and trace_cache.default_directory() is None
+    monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "1")
+    assert trace_cache.enabled()  # one process; the CLI's runs check that the XLA cache's folder is used

@@ -154,6 +154,7 @@ def train(
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx.config import ConfigError
     from ddpm_eqx.data_import import DataError
+    from ddpm_eqx import trace_cache
     from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
 
     try:
@@ -175,7 +176,8 @@ def train(
     if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
         quiet_failed_async_saves()
     try:
-        result = run_train(cfg, workdir, restore_from=restore_from, progress=progress)
+        result = run_train(cfg, workdir, restore_from=restore_from, progress=progress,
+                           trace_cache=trace_cache.default_directory())
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: e.g. EACCES
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
     except RuntimeError as e:

@@ -167,7 +167,16 @@ class TrainStep:
         arrays, static = eqx.partition(state, eqx.is_array)
         leaves, treedef = jax.tree_util.tree_flatten(arrays)
         if self._stored is None:
-            self._stored = self._load_or_export(leaves, treedef, static, images, labels)
+            traced_before = self._traces[0]
+            try:
+                self._stored = self._load_or_export(leaves, treedef, static, images, labels)
+            except Exception as e:  # noqa: BLE001  (e.g. an op jax.export refuses: trace as without the cache)
+                log.warning("the train step cannot be stored (%s: %s); it is traced in every process",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._trace_cache = None
+            self._traces[0] = traced_before  # the stored program's compiles are counted in `call` below
+            if self._stored is None:
+                return self._fn(state, images, labels)
         new_leaves, metrics = self._stored(leaves, images, labels)
         return eqx.combine(jax.tree_util.tree_unflatten(treedef, new_leaves), static), metrics
 
@@ -185,12 +194,10 @@ class TrainStep:
 
         assert self._trace_cache is not None
         shardings = ([x.sharding for x in leaves], images.sharding, labels.sharding)
-        traced_before = self._traces[0]
         exported, loaded = load_or_export(
             "train_step", on_leaves, (leaves, images, labels), determines=self._determines,
             directory=self._trace_cache, in_shardings=shardings, donate_argnums=(0,))
         log.info("train step %s %s", "read from" if loaded else "traced and stored in", self._trace_cache)
-        self._traces[0] = traced_before  # counted below, once per compile of the stored program
 
         def call(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
             self._traces[0] += 1

@@ -9,8 +9,10 @@ first run and deserialised on the next (~0.03 s); XLA's cache then serves its co
 A stored program is used only where everything that shapes the trace is the same: the key hashes the
 source of this package, the versions of the libraries and devices (:func:`ddpm_eqx.environment.describe`),
 every ``jax.config`` value, what the caller says determines the function (the config), and the shapes,
-dtypes and shardings of the arguments. ``DDPM_EQX_TRACE_CACHE=0`` turns it off. Files are written whole
-(a temporary file, then a rename); one that cannot be read is replaced, with a warning.
+dtypes and shardings of the arguments; not code outside the package that patches it in the same process,
+which is why ``ddpm-eqx train`` uses it and :func:`ddpm_eqx.train.train` only when given a folder.
+``DDPM_EQX_TRACE_CACHE=0`` turns it off. Files are written whole (a temporary file, then a rename); one
+that cannot be read is replaced, with a warning.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_eqx import allocator, trace_cache
+from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict
@@ -87,8 +87,13 @@ def _is_finite(x: Any) -> bool:
 
 
 def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None = None,
-          progress: bool | None = None) -> TrainResult:
-    """Train ``cfg`` in ``workdir`` (checkpoints, metrics.jsonl, samples/), resuming if possible."""
+          progress: bool | None = None, trace_cache: Path | None = None) -> TrainResult:
+    """Train ``cfg`` in ``workdir`` (checkpoints, metrics.jsonl, samples/), resuming if possible.
+
+    ``trace_cache``: a folder where the traced train step is kept for the next process (the CLI passes
+    :func:`ddpm_eqx.trace_cache.default_directory`). Off by default: its key covers this package's source
+    and the config, not code of yours that patches the package in the same process.
+    """
     setup_logging()
     workdir = Path(workdir)
     mesh = make_mesh()
@@ -104,7 +109,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     start = int(state.step)
     state = replicate(state, mesh)
     process = replicate(process, mesh)
-    train_step = make_train_step(cfg, process, optimizer, mesh, trace_cache=trace_cache.default_directory())
+    train_step = make_train_step(cfg, process, optimizer, mesh, trace_cache=trace_cache)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
                              steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,

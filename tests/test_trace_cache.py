@@ -1,5 +1,5 @@
 """The stored train step (ddpm_eqx.trace_cache): bitwise the traced one, read back without tracing, keyed on
-everything that shapes the trace, and a damaged file is traced again."""
+everything that shapes the trace; a damaged file is traced again, and a step jax.export refuses runs as before."""
 
 import logging
 
@@ -14,7 +14,7 @@ from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
 from ddpm_eqx.step import make_train_step
 from ddpm_eqx.train import build_state
 
-TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
+TINY = ["model.dim=8", "model.dim_mults=1", "model.resnet_block_groups=4", "model.attn_heads=1",
         "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100"]
 
 
@@ -41,8 +41,17 @@ def _assert_bitwise(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing(tmp_path, monkeypatch, caplog):
     cfg = apply_overrides(Config(), TINY)
-    reference, _, _ = _two_steps(cfg, None)
     directory = tmp_path / "traces"
+
+    def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("custom call not allowed")
+
+    # A step jax.export refuses runs as without a cache (the plain jitted step): the reference.
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ddpm_eqx"):
+        m.setattr(trace_cache.export, "export", refused)
+        reference, traces, _ = _two_steps(cfg, directory)
+    assert traces == 1 and not directory.exists()
+    assert any("cannot be stored (ValueError: custom call not allowed)" in r.getMessage() for r in caplog.records)
 
     stored, traces, state_type = _two_steps(cfg, directory)  # traced now, stored
     _assert_bitwise(stored, reference)
@@ -60,6 +69,7 @@ def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing
     assert traces == 1
 
     path.write_bytes(path.read_bytes()[:1000])  # a damaged file: traced again, with a warning, and replaced
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ddpm_eqx"):
         again, _, _ = _two_steps(cfg, directory)
     _assert_bitwise(again, reference)

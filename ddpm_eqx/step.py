@@ -19,12 +19,12 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ddpm_eqx._types import Image, Images, Keys, Label
-from ddpm_eqx.trace_cache import load_or_export
 from ddpm_eqx.config import Config, to_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.logging_utils import log
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
 from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
+from ddpm_eqx.trace_cache import load_or_export
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -156,6 +156,8 @@ class TrainStep:
         self._fn = eqx.filter_jit(fn, donate="all")
         self._trace_cache, self._determines = trace_cache, determines
         self._stored: Callable[..., tuple[list[Array], Metrics]] | None = None
+        self._treedef: Any = None
+        self._is_array: list[bool] = []
 
     @property
     def traces(self) -> int:
@@ -164,12 +166,16 @@ class TrainStep:
     def __call__(self, state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
         if self._trace_cache is None:
             return self._fn(state, images, labels)
-        arrays, static = eqx.partition(state, eqx.is_array)
-        leaves, treedef = jax.tree_util.tree_flatten(arrays)
+        # One flatten and one unflatten per step (eqx.partition + combine would walk the modules twice more):
+        # the stored program takes and returns the state's array leaves; the others are static.
+        everything, treedef = jax.tree_util.tree_flatten(state)
+        if self._stored is None or treedef != self._treedef:
+            self._treedef, self._is_array = treedef, [eqx.is_array(x) for x in everything]
+        leaves = [x for x, a in zip(everything, self._is_array) if a]
         if self._stored is None:
             traced_before = self._traces[0]
             try:
-                self._stored = self._load_or_export(leaves, treedef, static, images, labels)
+                self._stored = self._load_or_export(everything, treedef, images, labels)
             except Exception as e:  # noqa: BLE001  (e.g. an op jax.export refuses: trace as without the cache)
                 log.warning("the train step cannot be stored (%s: %s); it is traced in every process",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -178,21 +184,27 @@ class TrainStep:
             if self._stored is None:
                 return self._fn(state, images, labels)
         new_leaves, metrics = self._stored(leaves, images, labels)
-        return eqx.combine(jax.tree_util.tree_unflatten(treedef, new_leaves), static), metrics
+        return jax.tree_util.tree_unflatten(treedef, self._merge(everything, new_leaves)), metrics
 
-    def _load_or_export(self, leaves: list[Array], treedef: Any, static: Any, images: Images,
+    def _merge(self, everything: list[Any], arrays: list[Array]) -> list[Any]:
+        """``everything`` with its array leaves replaced, in order, by ``arrays``."""
+        new = iter(arrays)
+        return [next(new) if a else x for x, a in zip(everything, self._is_array)]
+
+    def _load_or_export(self, everything: list[Any], treedef: Any, images: Images,
                         labels: Int[Array, " b"]) -> Callable[..., tuple[list[Array], Metrics]]:
         """The step as a function of the state's array leaves (what ``jax.export`` can serialise)."""
 
         def on_leaves(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
-            state = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
+            state = jax.tree_util.tree_unflatten(treedef, self._merge(everything, leaves))
             new_state, metrics = self._raw(state, images, labels)
-            new_leaves, new_treedef = jax.tree_util.tree_flatten(eqx.filter(new_state, eqx.is_array))
+            new_everything, new_treedef = jax.tree_util.tree_flatten(new_state)
             if new_treedef != treedef:  # the caller rebuilds the state from the input's structure
                 raise ValueError("the train step changed the structure of the state")
-            return new_leaves, metrics
+            return [x for x, a in zip(new_everything, self._is_array) if a], metrics
 
         assert self._trace_cache is not None
+        leaves = [x for x, a in zip(everything, self._is_array) if a]
         shardings = ([x.sharding for x in leaves], images.sharding, labels.sharding)
         exported, loaded = load_or_export(
             "train_step", on_leaves, (leaves, images, labels), determines=self._determines,

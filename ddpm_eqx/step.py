@@ -169,13 +169,13 @@ class TrainStep:
         # One flatten and one unflatten per step (eqx.partition + combine would walk the modules twice more):
         # the stored program takes and returns the state's array leaves; the others are static.
         everything, treedef = jax.tree_util.tree_flatten(state)
-        if self._stored is None or treedef != self._treedef:
-            self._treedef, self._is_array = treedef, [eqx.is_array(x) for x in everything]
-        leaves = [x for x, a in zip(everything, self._is_array) if a]
+        if self._treedef is None or treedef != self._treedef:  # the first call, or a state of another structure
+            self._treedef, self._is_array, self._stored = treedef, [eqx.is_array(x) for x in everything], None
+        leaves = self._arrays(everything)
         if self._stored is None:
             traced_before = self._traces[0]
             try:
-                self._stored = self._load_or_export(everything, treedef, images, labels)
+                self._stored = self._load_or_export(everything, leaves, treedef, images, labels)
             except Exception as e:  # noqa: BLE001  (e.g. an op jax.export refuses: trace as without the cache)
                 log.warning("the train step cannot be stored (%s: %s); it is traced in every process",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -186,12 +186,16 @@ class TrainStep:
         new_leaves, metrics = self._stored(leaves, images, labels)
         return jax.tree_util.tree_unflatten(treedef, self._merge(everything, new_leaves)), metrics
 
+    def _arrays(self, everything: list[Any]) -> list[Array]:
+        """The array leaves of a flattened state, in order."""
+        return [x for x, a in zip(everything, self._is_array) if a]
+
     def _merge(self, everything: list[Any], arrays: list[Array]) -> list[Any]:
         """``everything`` with its array leaves replaced, in order, by ``arrays``."""
         new = iter(arrays)
         return [next(new) if a else x for x, a in zip(everything, self._is_array)]
 
-    def _load_or_export(self, everything: list[Any], treedef: Any, images: Images,
+    def _load_or_export(self, everything: list[Any], leaves: list[Array], treedef: Any, images: Images,
                         labels: Int[Array, " b"]) -> Callable[..., tuple[list[Array], Metrics]]:
         """The step as a function of the state's array leaves (what ``jax.export`` can serialise)."""
 
@@ -201,10 +205,9 @@ class TrainStep:
             new_everything, new_treedef = jax.tree_util.tree_flatten(new_state)
             if new_treedef != treedef:  # the caller rebuilds the state from the input's structure
                 raise ValueError("the train step changed the structure of the state")
-            return [x for x, a in zip(new_everything, self._is_array) if a], metrics
+            return self._arrays(new_everything), metrics
 
         assert self._trace_cache is not None
-        leaves = [x for x, a in zip(everything, self._is_array) if a]
         shardings = ([x.sharding for x in leaves], images.sharding, labels.sharding)
         exported, loaded = load_or_export(
             "train_step", on_leaves, (leaves, images, labels), determines=self._determines,

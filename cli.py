@@ -206,13 +206,14 @@ def sample(
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx import trace_cache
     from ddpm_eqx.generate_cli import SampleRequest, run_sample
 
     if sampler not in ("ddpm", "ddim"):
         fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     request = SampleRequest(ckpt=ckpt, step=step, out=out, npz=npz, num=num, batch_size=batch_size,
                             sampler=sampler, steps=steps, eta=eta, seed=seed, label=label, guidance=guidance,
-                            trajectory=trajectory)
+                            trajectory=trajectory, trace_cache=trace_cache.default_directory())
     try:
         written = run_sample(request)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
@@ -243,6 +244,7 @@ def eval_(
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx.data_import import DataError
+    from ddpm_eqx import trace_cache
     from ddpm_eqx.generate_cli import SampleRequest, draw_images
 
     if metric not in ("classifier", "inception", "all"):
@@ -250,7 +252,8 @@ def eval_(
     if sampler not in ("ddpm", "ddim"):
         fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
-                            steps=steps if sampler == "ddim" else None, eta=eta, seed=seed)
+                            steps=steps if sampler == "ddim" else None, eta=eta, seed=seed,
+                            trace_cache=trace_cache.default_directory())
     try:
         from ddpm_eqx.evaluate import evaluate_images
 

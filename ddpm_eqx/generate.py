@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ddpm_eqx._types import Keys
 from ddpm_eqx.diffusion import GaussianDiffusion
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, gather, replicate
 from ddpm_eqx.sample import Sampler, sample
+from ddpm_eqx.trace_cache import stored_program
 
 
 class ShardedSampler:
     """``sampler(model, keys, labels=None) -> numpy [n, c, h, w]``, one image per key.
 
     Compiled once per (model structure, batch size): the weights are an argument, not constants,
-    so the EMA weights of every step reuse the same program.
+    so the EMA weights of every step reuse the same program. With ``trace_cache`` (a folder; see
+    :mod:`ddpm_eqx.trace_cache`) the traced program is stored there and read by a later process instead of
+    tracing it again; ``determines`` must then say what built ``process`` and ``model_like`` (the config as
+    JSON): the key adds this sampler's own arguments, the shapes and the source, not the objects themselves.
     """
 
     def __init__(
@@ -37,6 +43,8 @@ class ShardedSampler:
         guidance: float = 1.0,
         conditional: bool = False,
         return_path: bool = False,
+        trace_cache: Path | None = None,
+        determines: str = "",
     ):
         self.mesh, self.conditional, self.return_path = mesh, conditional, return_path
         self.process = replicate(process, mesh)
@@ -51,13 +59,19 @@ class ShardedSampler:
 
         out_specs = (P(AXIS), P(AXIS)) if return_path else P(AXIS)
         label_spec = P(AXIS) if conditional else None
-        self._fn = jax.jit(batch_sharded(per_shard, mesh, (P(), P(), P(AXIS), label_spec), out_specs))
+        self._raw = batch_sharded(per_shard, mesh, (P(), P(), P(AXIS), label_spec), out_specs)
+        self._fn = jax.jit(self._raw)
+        self._trace_cache = trace_cache
+        self._determines = json.dumps({"determines": determines, "shape": shape, "sampler": sampler, "steps": steps,
+                                       "eta": eta, "guidance": guidance, "conditional": conditional,
+                                       "return_path": return_path})
+        self._stored: dict[Any, Callable[..., Any]] = {}
 
     def __call__(
         self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None
     ) -> Float[np.ndarray, "n c h w"] | tuple[Float[np.ndarray, "n c h w"], Float[np.ndarray, "n s c h w"]]:
         n = keys.shape[0]
-        out = self._fn(*self._arguments(model, keys, labels))
+        out = self._run(*self._arguments(model, keys, labels))
         if self.return_path:
             return gather(out[0])[:n], gather(out[1])[:n]
         return gather(out)[:n]
@@ -66,6 +80,30 @@ class ShardedSampler:
         """The program ``self(model, keys, labels)`` runs, traced and lowered but not compiled or run:
         ``.compile()`` compiles it (into the persistent cache, where one is set) and ``.as_text()`` shows it."""
         return self._fn.lower(*self._arguments(model, keys, labels))
+
+    def _run(self, *args: Any) -> Any:
+        if self._trace_cache is None:
+            return self._fn(*args)
+        # The stored program takes each input where its spec puts it (jit would move an uncommitted key array
+        # itself; an exported program is called with the shardings it was exported with).
+        arrays, proc_arrays, keys, labels = args
+        split = NamedSharding(self.mesh, P(AXIS))
+        args = (replicate(arrays, self.mesh), proc_arrays, jax.device_put(keys, split),
+                None if labels is None else jax.device_put(labels, split))
+        leaves, treedef = jax.tree_util.tree_flatten(args)  # jax.export takes lists, not modules
+        signature = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+        program = self._stored.get(signature)
+        if program is None:
+            def on_leaves(leaves: list[Array]) -> Any:
+                return self._raw(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+            program = stored_program("sampler", on_leaves, (leaves,), determines=self._determines,
+                                     directory=self._trace_cache)
+            if program is None:
+                self._trace_cache = None
+                return self._fn(*args)
+            self._stored[signature] = program
+        return program(leaves)
 
     def _arguments(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None) -> tuple[Any, ...]:
         if self.conditional and labels is None:

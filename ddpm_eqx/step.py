@@ -24,7 +24,7 @@ from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.logging_utils import log
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
 from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
-from ddpm_eqx.trace_cache import load_or_export
+from ddpm_eqx.trace_cache import stored_program
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -173,15 +173,9 @@ class TrainStep:
             self._treedef, self._is_array, self._stored = treedef, [eqx.is_array(x) for x in everything], None
         leaves = self._arrays(everything)
         if self._stored is None:
-            traced_before = self._traces[0]
-            try:
-                self._stored = self._load_or_export(everything, leaves, treedef, images, labels)
-            except Exception as e:  # noqa: BLE001  (e.g. an op jax.export refuses: trace as without the cache)
-                log.warning("the train step cannot be stored (%s: %s); it is traced in every process",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                self._trace_cache = None
-            self._traces[0] = traced_before  # the stored program's compiles are counted in `call` below
+            self._stored = self._load_or_export(everything, leaves, treedef, images, labels)
             if self._stored is None:
+                self._trace_cache = None
                 return self._fn(state, images, labels)
         new_leaves, metrics = self._stored(leaves, images, labels)
         return jax.tree_util.tree_unflatten(treedef, self._merge(everything, new_leaves)), metrics
@@ -196,7 +190,7 @@ class TrainStep:
         return [next(new) if a else x for x, a in zip(everything, self._is_array)]
 
     def _load_or_export(self, everything: list[Any], leaves: list[Array], treedef: Any, images: Images,
-                        labels: Int[Array, " b"]) -> Callable[..., tuple[list[Array], Metrics]]:
+                        labels: Int[Array, " b"]) -> Callable[..., tuple[list[Array], Metrics]] | None:
         """The step as a function of the state's array leaves (what ``jax.export`` can serialise)."""
 
         def on_leaves(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
@@ -207,15 +201,12 @@ class TrainStep:
                 raise ValueError("the train step changed the structure of the state")
             return self._arrays(new_everything), metrics
 
-        assert self._trace_cache is not None
-        shardings = ([x.sharding for x in leaves], images.sharding, labels.sharding)
-        exported, loaded = load_or_export(
-            "train_step", on_leaves, (leaves, images, labels), determines=self._determines,
-            directory=self._trace_cache, in_shardings=shardings, donate_argnums=(0,))
-        log.info("train step %s %s", "read from" if loaded else "traced and stored in", self._trace_cache)
-
-        def call(leaves: list[Array], images: Images, labels: Int[Array, " b"]) -> tuple[list[Array], Metrics]:
+        def count() -> None:
             self._traces[0] += 1
-            return exported.call(leaves, images, labels)
 
-        return jax.jit(call, donate_argnums=0)
+        assert self._trace_cache is not None
+        traced_before = self._traces[0]
+        stored = stored_program("train step", on_leaves, (leaves, images, labels), determines=self._determines,
+                                directory=self._trace_cache, donate_argnums=(0,), on_trace=count)
+        self._traces[0] = traced_before  # exporting traced `self._raw` once; the compiles are counted by `count`
+        return stored

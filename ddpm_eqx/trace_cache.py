@@ -1,4 +1,5 @@
-"""Traced programs kept on disk (``jax.export``): a restarted run skips tracing and lowering its train step.
+"""Traced programs kept on disk (``jax.export``): a restarted run skips tracing and lowering its train step and
+sampler, and so does every ``ddpm-eqx sample`` after the first of its kind.
 
 XLA's persistent cache (the CLI turns it on) skips the *compile* of a program it has seen, but it is keyed by
 the lowered program, so every process still traces the step first: JAX walks the whole U-Net, its gradient
@@ -10,7 +11,8 @@ A stored program is used only where everything that shapes the trace is the same
 source of this package, the versions of the libraries and devices (:func:`ddpm_eqx.environment.describe`),
 every ``jax.config`` value, what the caller says determines the function (the config), and the shapes,
 dtypes and shardings of the arguments; not code outside the package that patches it in the same process,
-which is why ``ddpm-eqx train`` uses it and :func:`ddpm_eqx.train.train` only when given a folder.
+which is why the CLI (``train``, ``sample``, ``eval``) uses it and :func:`ddpm_eqx.train.train` and
+:class:`ddpm_eqx.generate.ShardedSampler` only when given a folder.
 ``DDPM_EQX_TRACE_CACHE=0`` turns it off. Files are written whole (a temporary file, then a rename); one
 that cannot be read is replaced, with a warning.
 """
@@ -94,4 +96,34 @@ def load_or_export(
     return exported, False
 
 
-__all__ = ["cache_key", "default_directory", "enabled", "load_or_export"]
+def stored_program(
+    name: str, fn: Callable[..., Any], args: Sequence[Any], *, determines: str, directory: Path,
+    donate_argnums: tuple[int, ...] = (), on_trace: Callable[[], None] | None = None,
+) -> Callable[..., Any] | None:
+    """``fn`` as a jitted callable that runs its program for ``args``'s shapes, dtypes and shardings, read from
+    ``directory`` or traced now and stored there (:func:`load_or_export`; ``name`` with spaces in the log, with
+    underscores in the file name). None, with a warning, where ``jax.export`` refuses ``fn`` (e.g. a custom call
+    it cannot serialise on this backend): the caller then traces it in every process as before.
+
+    ``on_trace`` is called whenever JAX traces the returned callable (a compile; the program itself is not
+    traced again).
+    """
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, tuple(args))
+    try:
+        exported, loaded = load_or_export(name.replace(" ", "_"), fn, args, determines=determines,
+                                          directory=directory, in_shardings=shardings, donate_argnums=donate_argnums)
+    except Exception as e:  # noqa: BLE001  (whatever jax.export refuses: trace as without the cache)
+        log.warning("the %s cannot be stored (%s: %s); it is traced in every process", name, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+    log.info("%s %s %s", name, "read from" if loaded else "traced and stored in", directory)
+
+    def call(*args: Any) -> Any:
+        if on_trace is not None:
+            on_trace()
+        return exported.call(*args)
+
+    return jax.jit(call, donate_argnums=donate_argnums)
+
+
+__all__ = ["cache_key", "default_directory", "enabled", "load_or_export", "stored_program"]

@@ -24,7 +24,7 @@ import numpy as np
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
-from ddpm_eqx.config import Config, ConfigError, to_dict
+from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
 from ddpm_eqx.data import make_train_iterator, prepare_dataset
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
 from ddpm_eqx.environment import describe, differences
@@ -90,7 +90,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
           progress: bool | None = None, trace_cache: Path | None = None) -> TrainResult:
     """Train ``cfg`` in ``workdir`` (checkpoints, metrics.jsonl, samples/), resuming if possible.
 
-    ``trace_cache``: a folder where the traced train step is kept for the next process (the CLI passes
+    ``trace_cache``: a folder where the traced train step and sampler are kept for the next process (the CLI passes
     :func:`ddpm_eqx.trace_cache.default_directory`). Off by default: its key covers this package's source
     and the config, not code of yours that patches the package in the same process.
     """
@@ -113,7 +113,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
                              steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,
-                             conditional=cfg.model.num_classes is not None)
+                             conditional=cfg.model.num_classes is not None, trace_cache=trace_cache,
+                             determines=to_json(cfg))
     lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
     run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,

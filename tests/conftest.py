@@ -28,11 +28,16 @@ for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR
 os.environ["TFDS_DATA_DIR"] = str(_SCRATCH / "tensorflow_datasets")  # tests pass their own data_dir anyway
 
 os.environ["XDG_CACHE_HOME"] = str(_SCRATCH / "cache")  # the CLI's persistent XLA cache
-# In-process tests share this worker's persistent XLA cache (as do the subprocesses they start one at a time and
-# that do not set their own): tests that build the same program (the same tiny config trained by several
-# reliability tests) compile it once. Programs under 0.5 s are not worth the write.
+# In-process tests share one persistent XLA cache (as do the subprocesses they start that do not set their own):
+# tests that build the same program (the same tiny config trained by several reliability tests) compile it once.
+# The folder is the first process's: pytest-xdist's workers inherit this environment from the controller, so
+# the whole run shares it. Programs under 0.5 s are not worth the write.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_SCRATCH / "jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# JAX writes cache entries unlocked (`lru_cache.put`: `write_bytes`) unless its LRU eviction is on, which reads
+# and writes under a file lock (the `filelock` package): on, with a limit no test run reaches, so that two
+# workers compiling the same program never interleave their writes or read one half-written.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
 jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
 

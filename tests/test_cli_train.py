@@ -91,6 +91,8 @@ def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, t
         assert "read only" not in proc.stderr and "sampled 6 images" in proc.stderr + proc.stdout
         outs.append(np.load(npz)["image"])
         assert (tmp_path / f"{name}.png").is_file()
+        if name == "b":  # the same sampler as a's: read from where a's process stored it, not traced again
+            assert f"sampler read from {tmp_path.parent / 'jax_cache' / 'ddpm_eqx_traces'}" in proc.stderr
     assert outs[0].shape == (6, 8, 8, 1) and outs[0].dtype == np.uint8
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])

@@ -1,5 +1,6 @@
-"""The stored train step (ddpm_eqx.trace_cache): bitwise the traced one, read back without tracing, keyed on
-everything that shapes the trace; a damaged file is traced again, and a step jax.export refuses runs as before."""
+"""The stored train step and sampler (ddpm_eqx.trace_cache): bitwise the traced ones, read back without tracing,
+keyed on everything that shapes the trace; a damaged file is traced again, and a step jax.export refuses runs as
+before."""
 
 import logging
 
@@ -62,11 +63,14 @@ def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing
     def no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("traced although the program was stored")
 
-    with monkeypatch.context() as m:
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="ddpm_eqx"):
         m.setattr(trace_cache.export, "export", no_tracing)
         read, traces, _ = _two_steps(cfg, directory)
     _assert_bitwise(read, reference)
     assert traces == 1
+    assert [r.getMessage() for r in caplog.records if "train step" in r.getMessage()] == [
+        f"train step read from {directory}"]  # not the plain step after a refused export
 
     path.write_bytes(path.read_bytes()[:1000])  # a damaged file: traced again, with a warning, and replaced
     caplog.clear()
@@ -104,3 +108,36 @@ def test_off_with_the_environment_variable(monkeypatch):
     assert not trace_cache.enabled() and trace_cache.default_directory() is None
     monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "1")
     assert trace_cache.enabled()  # one process; the CLI's runs check that the XLA cache's folder is used
+
+
+def test_stored_sampler_draws_the_traced_samplers_images_per_argument_and_batch_shape(tmp_path, monkeypatch, caplog):
+    from ddpm_eqx.diffusion import make_diffusion
+    from ddpm_eqx.generate import ShardedSampler
+    from ddpm_eqx.train import build_model
+
+    cfg = apply_overrides(Config(), TINY)
+    mesh = make_mesh()
+    model = replicate(build_model(cfg), mesh)
+    process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
+    directory = tmp_path / "traces"
+    keys = jax.random.split(jax.random.key(3), 5)
+
+    def draw(steps: int, n: int, stored: bool) -> np.ndarray:
+        kwargs = dict(trace_cache=directory, determines=to_json(cfg)) if stored else {}
+        sampler = ShardedSampler(process, model, (1, 8, 8), mesh, sampler="ddim", steps=steps, **kwargs)
+        return sampler(model, keys[:n])
+
+    cases = [(3, 2), (4, 2), (3, 5)]  # (DDIM steps, batch): one argument of the sampler, one shape
+    reference = {case: draw(*case, stored=False) for case in cases}
+    assert not np.array_equal(reference[3, 2], reference[4, 2])  # the two step counts draw differently
+    for case, images in reference.items():  # traced now and stored: one file per steps and batch shape
+        np.testing.assert_array_equal(draw(*case, stored=True), images)
+    assert len(list(directory.glob("sampler-*.jaxexport"))) == 3
+
+    def no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("traced although the program was stored")
+
+    monkeypatch.setattr(trace_cache.export, "export", no_tracing)
+    with caplog.at_level(logging.INFO, logger="ddpm_eqx"):
+        np.testing.assert_array_equal(draw(4, 2, stored=True), reference[4, 2])  # a new sampler reads it back
+    assert [r.getMessage() for r in caplog.records] == [f"sampler read from {directory}"]

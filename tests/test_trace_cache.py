@@ -19,7 +19,9 @@ TINY = ["model.dim=8", "model.dim_mults=1", "model.resnet_block_groups=4", "mode
         "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100"]
 
 
-def _two_steps(cfg: Config, directory):  # noqa: ANN001, ANN202
+def _two_steps(cfg: Config, directory, *, filter_jit: bool = False):  # noqa: ANN001, ANN202
+    """Two steps; ``filter_jit``: through ``eqx.filter_jit`` of the step function (the reference), not the
+    train step's own dispatch on the state's array leaves."""
     mesh = make_mesh()
     state, process, optimizer = build_state(cfg)
     state, process = replicate(state, mesh), replicate(process, mesh)
@@ -28,7 +30,7 @@ def _two_steps(cfg: Config, directory):  # noqa: ANN001, ANN202
     losses = []
     for _ in range(2):
         batch = shard_batch((rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32), np.zeros(8, np.int32)), mesh)
-        state, metrics = step(state, *batch)
+        state, metrics = (step._fn if filter_jit else step)(state, *batch)
         losses.append(np.asarray(metrics["loss"]))
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array))]
     return leaves + losses, step.traces, type(state)
@@ -47,10 +49,13 @@ def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing
     def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise ValueError("custom call not allowed")
 
-    # A step jax.export refuses runs as without a cache (the plain jitted step): the reference.
+    reference, traces, _ = _two_steps(cfg, None, filter_jit=True)
+    assert traces == 1
+    # A step jax.export refuses runs as without a cache (jitted here, on the state's array leaves).
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ddpm_eqx"):
         m.setattr(trace_cache.export, "export", refused)
-        reference, traces, _ = _two_steps(cfg, directory)
+        refused_run, traces, _ = _two_steps(cfg, directory)
+    _assert_bitwise(refused_run, reference)
     assert traces == 1 and not directory.exists()
     assert any("cannot be stored (ValueError: custom call not allowed)" in r.getMessage() for r in caplog.records)
 
@@ -141,3 +146,34 @@ def test_stored_sampler_draws_the_traced_samplers_images_per_argument_and_batch_
     with caplog.at_level(logging.INFO, logger="ddpm_eqx"):
         np.testing.assert_array_equal(draw(4, 2, stored=True), reference[4, 2])  # a new sampler reads it back
     assert [r.getMessage() for r in caplog.records] == [f"sampler read from {directory}"]
+
+
+def test_a_state_with_other_static_leaves_or_structure_gets_its_own_program():
+    from ddpm_eqx.state import TrainState
+    from ddpm_eqx.step import TrainStep
+
+    traces = [0]
+
+    def fn(state, images, labels):  # noqa: ANN001, ANN202  (scales the weights by the static leaf `model[1]`)
+        traces[0] += 1
+        weights, scale = state.model
+        model = (weights * scale + images.sum(), scale)
+        return TrainState(state.step + 1, model, state.ema_model, state.opt_state), {"loss": weights.sum()}
+
+    step = TrainStep(fn, traces)
+    images, labels = jnp.ones((2, 1, 2, 2)), jnp.zeros(2, jnp.int32)
+
+    def state(scale, n=3):  # noqa: ANN001, ANN202
+        return TrainState(jnp.zeros((), jnp.int32), (jnp.ones(n), scale), None, None)
+
+    out, metrics = step(state(2.0), images, labels)
+    np.testing.assert_array_equal(out.model[0], np.full(3, 1 * 2.0 + 8))
+    assert out.model[1] == 2.0 and int(out.step) == 1 and float(metrics["loss"]) == 3.0 and traces == [1]
+    out, _ = step(state(3.0), images, labels)  # another static leaf: traced again, not the 2.0 program
+    np.testing.assert_array_equal(out.model[0], np.full(3, 1 * 3.0 + 8))
+    assert out.model[1] == 3.0 and traces == [2]
+    out, _ = step(state(3.0, n=4), images, labels)  # another shape: jit traces again
+    assert out.model[0].shape == (4,) and traces == [3]
+    out, _ = step(out, images, labels)  # the same signature: no trace
+    np.testing.assert_array_equal(out.model[0], np.full(4, (3.0 + 8) * 3.0 + 8))
+    assert traces == [3]

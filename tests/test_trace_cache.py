@@ -143,6 +143,7 @@ def test_stored_sampler_draws_the_traced_samplers_images_per_argument_and_batch_
         raise AssertionError("traced although the program was stored")
 
     monkeypatch.setattr(trace_cache.export, "export", no_tracing)
+    caplog.clear()  # the stores above log too where an earlier test left the package's logger at INFO
     with caplog.at_level(logging.INFO, logger="ddpm_eqx"):
         np.testing.assert_array_equal(draw(4, 2, stored=True), reference[4, 2])  # a new sampler reads it back
     assert [r.getMessage() for r in caplog.records] == [f"sampler read from {directory}"]

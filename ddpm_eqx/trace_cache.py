@@ -19,6 +19,7 @@ that cannot be read is replaced, with a warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,7 +47,10 @@ def default_directory() -> Path | None:
     return Path(xla_cache) / "ddpm_eqx_traces" if xla_cache and enabled() else None
 
 
+@functools.cache
 def _source_digest() -> str:
+    """The package's source, read once per process (each stored program's key needs it, and the code this
+    process runs is what it imported, not what a later edit on disk says)."""
     digest = hashlib.sha256()
     for path in sorted(_PACKAGE.rglob("*.py")):
         digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")

@@ -36,6 +36,11 @@ def _two_steps(cfg: Config, directory, *, filter_jit: bool = False):  # noqa: AN
     return leaves + losses, step.traces, type(state)
 
 
+def _no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    """Stands in for ``jax.export.export`` where a stored program must be read, not traced."""
+    raise AssertionError("traced although the program was stored")
+
+
 def _assert_bitwise(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
@@ -65,12 +70,9 @@ def test_stored_step_is_the_traced_step_bitwise_and_is_read_back_without_tracing
     [path] = directory.glob("train_step-*.jaxexport")
     assert not [p for p in directory.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
-    def no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise AssertionError("traced although the program was stored")
-
     caplog.clear()
     with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="ddpm_eqx"):
-        m.setattr(trace_cache.export, "export", no_tracing)
+        m.setattr(trace_cache.export, "export", _no_tracing)
         read, traces, _ = _two_steps(cfg, directory)
     _assert_bitwise(read, reference)
     assert traces == 1
@@ -139,10 +141,7 @@ def test_stored_sampler_draws_the_traced_samplers_images_per_argument_and_batch_
         np.testing.assert_array_equal(draw(*case, stored=True), images)
     assert len(list(directory.glob("sampler-*.jaxexport"))) == 3
 
-    def no_tracing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise AssertionError("traced although the program was stored")
-
-    monkeypatch.setattr(trace_cache.export, "export", no_tracing)
+    monkeypatch.setattr(trace_cache.export, "export", _no_tracing)
     caplog.clear()  # the stores above log too where an earlier test left the package's logger at INFO
     with caplog.at_level(logging.INFO, logger="ddpm_eqx"):
         np.testing.assert_array_equal(draw(4, 2, stored=True), reference[4, 2])  # a new sampler reads it back

@@ -150,17 +150,18 @@ def train(
     progress: Annotated[Optional[bool], typer.Option(help="Progress bar (default: on a terminal)")] = None,
 ) -> None:
     """Train a model; resumes automatically from the newest checkpoint in --workdir."""
+    from ddpm_eqx.config import ConfigError
+
+    try:  # before JAX and the data libraries load (~4 s): a mistyped --set is an instant error
+        cfg = resolve_config(dataset, config, set_ or [])
+    except ConfigError as e:
+        fail(str(e), 2)
     _init_runtime(host_devices, coordinator, num_processes, process_id)
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
-    from ddpm_eqx.config import ConfigError
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx import trace_cache
     from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
 
-    try:
-        cfg = resolve_config(dataset, config, set_ or [])
-    except ConfigError as e:
-        fail(str(e), 2)
     workdir = workdir or Path("runs") / Path(cfg.data.dataset).name
     try:  # everything that can be checked before a workdir is touched
         validate_setup(cfg)
@@ -204,13 +205,13 @@ def sample(
     host_devices: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
+    if sampler not in ("ddpm", "ddim"):
+        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx import trace_cache
     from ddpm_eqx.generate_cli import SampleRequest, run_sample
 
-    if sampler not in ("ddpm", "ddim"):
-        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     request = SampleRequest(ckpt=ckpt, step=step, out=out, npz=npz, num=num, batch_size=batch_size,
                             sampler=sampler, steps=steps, eta=eta, seed=seed, label=label, guidance=guidance,
                             trajectory=trajectory, trace_cache=trace_cache.default_directory())
@@ -241,16 +242,16 @@ def eval_(
     host_devices: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
+    if metric not in ("classifier", "inception", "all"):
+        fail(f"--metric {metric!r}: use classifier, inception or all", 2)
+    if sampler not in ("ddpm", "ddim"):
+        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx import trace_cache
     from ddpm_eqx.generate_cli import SampleRequest, draw_images
 
-    if metric not in ("classifier", "inception", "all"):
-        fail(f"--metric {metric!r}: use classifier, inception or all", 2)
-    if sampler not in ("ddpm", "ddim"):
-        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
     request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
                             steps=steps if sampler == "ddim" else None, eta=eta, seed=seed,
                             trace_cache=trace_cache.default_directory())

@@ -25,18 +25,24 @@ _SCRIPT = textwrap.dedent("""
     logging.getLogger("jax").addHandler(Compiles())
 
     rng = np.random.default_rng(0)
-    shapes = [(3, 3, 4, 8), (8,), (16, 6), (2, 10, 4)]
+    shapes = [(3, 3, 4, 8), (8,), (16, 6), (2, 10, 4), (2048, 4096)]  # 32 MiB: written after save returns
     state = [jax.device_put(rng.normal(size=s).astype(np.float32), NamedSharding(make_mesh(), P())) for s in shapes]
     ckpt = Checkpointer(sys.argv[1])
     with jax.log_compiles():
         for step in (1, 2):
             ckpt.save(step, state, {"step": step}, {})
             ckpt.wait()
+    # The next train step donates the state while the save is still writing it: the save must hold copies,
+    # not views of XLA's buffers (XLA would not donate them, and the step would copy the state).
+    donated = [jax.device_put(np.array(x), x.sharding) for x in state]
+    ckpt.save(3, donated, {"step": 3}, {})
+    jax.jit(lambda xs: [x * 2 for x in xs], donate_argnums=0)(donated)
     ckpt.close()
     step, restored, _, _ = Checkpointer(sys.argv[1], read_only=True).restore_latest(
         [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state])
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(state, restored))
-    print(json.dumps({"devices": jax.device_count(), "compiles": compiles, "step": step, "same": same}))
+    print(json.dumps({"devices": jax.device_count(), "compiles": compiles, "step": step, "same": same,
+                      "donated": all(x.is_deleted() for x in donated)}))
 """)
 
 
@@ -44,11 +50,12 @@ def test_a_single_process_save_dispatches_no_device_slices(tmp_path):
     """Orbax's replica-parallel writing cuts each replicated array into one slice per device, a jitted
     slice compiled per shape on the first save (5.7 s for the seed's state) and dispatched on every save
     before it returns. One process writes all the parts anyway, so ddpm-eqx turns it off there: saving a
-    replicated state over 2 devices compiles nothing, and the arrays read back bitwise."""
+    replicated state over 2 devices compiles nothing, and the arrays read back bitwise. A save holds copies
+    of its own (``_host_copies``): the arrays can be donated to the next step while it writes."""
     result = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2
     assert report["compiles"] == []
-    assert report["step"] == 2 and report["same"]
+    assert report["step"] == 3 and report["same"] and report["donated"]

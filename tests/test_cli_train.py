@@ -38,10 +38,17 @@ def test_train_writes_checkpoints_metrics_samples_and_config(reference_run):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(reference_run, fashion_mnist_data_dir, tmp_path):
-    ref_dir, _ = reference_run
-    workdir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, 8), env=_env(tmp_path),
+def test_sigkill_then_resume_under_glibc_is_bitwise_the_uninterrupted_run(reference_run, fashion_mnist_data_dir,
+                                                                          tmp_path):
+    """Also the allocator's equivalence test: this run (killed, resumed) uses glibc's malloc, the reference
+    run the CLI's default (tbbmalloc where its wheel is installed); the parameters must agree bit for bit."""
+    from ddpm_eqx import allocator
+
+    ref_dir, ref = reference_run
+    if allocator.tbbmalloc_proxy() is not None and sys.platform.startswith("linux"):
+        assert "malloc tbbmalloc" in ref.stderr  # the reference run took the CLI's default
+    workdir, env = tmp_path / "killed", {**_env(tmp_path), "DDPM_EQX_MALLOC": "system"}
+    proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, 8), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while 2 not in _committed(workdir):
@@ -49,8 +56,10 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(reference_run, fas
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path)
+    resumed = subprocess.run(_train_args(fashion_mnist_data_dir, workdir, 8), env=env, capture_output=True,
+                             text=True, check=True, timeout=600)
     assert "resumed from" in resumed.stderr and "other software or devices" not in resumed.stderr
+    assert "malloc system" in resumed.stderr
     # The killed run stored its traced step beside the XLA cache; the resumed one read it instead of tracing.
     assert f"train step read from {tmp_path.parent / 'jax_cache' / 'ddpm_eqx_traces'}" in resumed.stderr
     for a, b in zip(_final_params(ref_dir, 8), _final_params(workdir, 8), strict=True):
@@ -128,11 +137,16 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
      (["model.dims=3"], "unknown config key 'model.dims'; valid keys: data.dataset")],
 )
 def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
+    """Reported before JAX loads (seconds of imports for a typo): here any import of jax fails loudly."""
     workdir = tmp_path / "never"
     args = _cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir),
                 *[a for s in overrides for a in ("--set", s)])
-    result = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    (tmp_path / "no_jax" / "jax").mkdir(parents=True)
+    (tmp_path / "no_jax" / "jax" / "__init__.py").write_text("raise ImportError('the CLI imported jax')\n")
+    env = _env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "no_jax"), env["PYTHONPATH"]])
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not workdir.exists()
 

@@ -35,7 +35,6 @@ from ddpm_eqx.parallel import set_host_device_count  # noqa: E402
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(lambda x: x @ x)

@@ -177,13 +177,37 @@ def test_restore_from_another_run_with_wandb_offline(reference_run, fashion_mnis
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+def test_a_config_sized_for_accelerators_is_a_global_batch_of_256_on_a_cpu():
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.train import undersized_machine
+
+    assert undersized_machine(apply_overrides(Config(), ["data.batch_size=256"]))  # this machine has a CPU only
+    assert not undersized_machine(apply_overrides(Config(), ["data.batch_size=128"]))
+
+
 @pytest.mark.slow
 def test_a_config_sized_for_accelerators_warns_on_cpu_with_an_estimate(reference_run, fashion_mnist_data_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, monkeypatch, warnings_logged):
+    """``ddpm-eqx train`` in this process, with the test above answered yes for the tiny batch of 8: a batch
+    of 256 would be a compile of its own (~30 s of the suite) for the same warning and estimate. The tiny
+    8-step run's program is the one the disk-full tests compile in-process."""
     import re
 
-    result = _train(fashion_mnist_data_dir, tmp_path / "big", 4, tmp_path, "data.batch_size=256")
-    assert "sized for TPUs/GPUs" in result.stderr and "--config configs/fashion_mnist_cpu.py" in result.stderr
-    found = re.search(r"estimated time to finish on this CPU: ([\d.]+) h \(([\d.]+) s/step\)", result.stderr)
-    assert found is not None and float(found.group(2)) > 0, result.stderr[-2000:]
-    assert "sized for TPUs/GPUs" not in reference_run[1].stderr  # batch 8: no warning
+    from typer.testing import CliRunner
+
+    import cli
+    import ddpm_eqx.train
+    from _cli import TINY
+
+    assert "sized for TPUs/GPUs" not in reference_run[1].stderr  # batch 8 on its own: no warning
+    monkeypatch.setattr(ddpm_eqx.train, "undersized_machine", lambda cfg: cfg.data.batch_size == 8)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --host-devices would edit it
+    monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "0")  # the disk-full tests' program, not an exported one
+    sets = [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8", "wandb.mode=disabled"]
+    result = CliRunner().invoke(cli.app, ["train", "--dataset", "fashion_mnist", "--workdir", str(tmp_path / "big"),
+                                          *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output[-2000:]
+    [warning, estimate] = [w for w in warnings_logged if "TPUs/GPUs" in w or "estimated" in w]
+    assert "sized for TPUs/GPUs" in warning and "--config configs/fashion_mnist_cpu.py" in warning
+    found = re.search(r"estimated time to finish on this CPU: ([\d.]+) h \(([\d.]+) s/step\)", estimate)
+    assert found is not None and float(found.group(2)) > 0, estimate

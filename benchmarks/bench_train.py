@@ -71,7 +71,7 @@ def checkpoint_figures(state: object, saves: int, *, orbax_default: bool = False
     """What a run pays per checkpoint of ``state``: the time ``Checkpointer.save`` blocks the training loop
     (first save, then the median of the others) and until the checkpoint is committed (median).
 
-    ``jax_arrays``: save the ``jax.Array``\s themselves (ddpm-eqx before session 16) instead of NumPy copies;
+    ``jax_arrays``: save the ``jax.Array`` objects themselves (ddpm-eqx before session 16) instead of NumPy copies;
     ``orbax_default``: that, with Orbax's stock ``jax.Array`` handler (replica-parallel writes)."""
     import tempfile
 
@@ -114,7 +114,7 @@ def main() -> None:
                         help="the chip's peak for `mfu` where PUBLISHED_BF16_TFLOPS does not list it")
     parser.add_argument("--checkpoint-saves", type=int, default=4, help="checkpoints of the state timed (0: none)")
     parser.add_argument("--orbax-default-handler", action="store_true",
-                        help="save jax.Arrays with Orbax's stock handler (replica-parallel writes) instead of ddpm-eqx's")
+                        help="save jax.Arrays with Orbax's stock handler (replica-parallel writes), not ddpm-eqx's")
     parser.add_argument("--save-jax-arrays", action="store_true",
                         help="save the jax.Arrays themselves instead of NumPy copies (ddpm-eqx before session 16)")
     args = parser.parse_args()

@@ -132,14 +132,14 @@ def _array_registry(*, orbax_default: bool = False) -> Any:  # a TypeHandlerRegi
     handler spends ~3 ms of Python per array on shardings, replica slices and transfers, so a checkpoint of
     the tests' tiny state (643 arrays) cost 2.0-2.3 s, 0.3-0.6 s of it blocking the training loop, against
     0.8-1.3 s and 0.1-0.5 s as NumPy. The files hold the same arrays, and a restore reads them back as
-    sharded ``jax.Array``\s either way. On CPU ``device_get`` returns views of XLA's buffers, and XLA does not
+    sharded ``jax.Array`` objects either way. On CPU ``device_get`` returns views of XLA's buffers, and XLA does not
     donate a buffer that has one (the next train step would copy the state): the NumPy handler's deep copy,
     made before ``save`` returns, is what lets the views go (``tests/test_checkpoint.py`` donates the state
     while its save is still writing). In a multi-process run an array's replicas span the processes, and
-    each process writes its share of the ``jax.Array``\s.
+    each process writes its share of the ``jax.Array`` objects.
 
     By default Orbax splits every replicated ``jax.Array`` between the devices holding a copy, and each device
-    writes its part: on a pod, every host writes a share. A single process saving ``jax.Array``\s (before
+    writes its part: on a pod, every host writes a share. A single process saving ``jax.Array`` objects (before
     session 16; ``bench_train.py --save-jax-arrays``) writes all the parts anyway, and cutting them cost one
     device slice per array and device before ``save`` returned (the seed's fashion_mnist state, 875 arrays,
     153 MiB, 2 host devices: 1.2-1.6 s per save, 5.4-5.7 s on the first), so it is off there.
@@ -154,7 +154,7 @@ def _array_registry(*, orbax_default: bool = False) -> Any:  # a TypeHandlerRegi
 
 
 def _as_saved(arrays: PyTree) -> PyTree:
-    """What ``save`` hands Orbax: NumPy arrays in a single process, the ``jax.Array``\s otherwise (see
+    """What ``save`` hands Orbax: NumPy arrays in a single process, the ``jax.Array`` objects otherwise (see
     :func:`_array_registry`)."""
     return jax.device_get(arrays) if jax.process_count() == 1 else arrays
 

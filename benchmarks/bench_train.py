@@ -66,13 +66,12 @@ def published_peak_tflops(device_kind: str) -> float | None:
     return next((peak for name, peak in PUBLISHED_BF16_TFLOPS if name in device_kind), None)
 
 
-def checkpoint_figures(state: object, saves: int, *, orbax_default: bool = False,
-                       jax_arrays: bool = False) -> dict[str, float | int]:
+def checkpoint_figures(state: object, saves: int, *, jax_arrays: bool = False) -> dict[str, float | int]:
     """What a run pays per checkpoint of ``state``: the time ``Checkpointer.save`` blocks the training loop
     (first save, then the median of the others) and until the checkpoint is committed (median).
 
-    ``jax_arrays``: save the ``jax.Array`` objects themselves (ddpm-eqx before session 16) instead of NumPy copies;
-    ``orbax_default``: that, with Orbax's stock ``jax.Array`` handler (replica-parallel writes)."""
+    ``jax_arrays``: save the ``jax.Array`` objects themselves, through Orbax's stock handler (replica-parallel
+    writes: what a multi-process run does), instead of a single process's NumPy arrays."""
     import tempfile
 
     import equinox as eqx
@@ -80,11 +79,8 @@ def checkpoint_figures(state: object, saves: int, *, orbax_default: bool = False
 
     from ddpm_eqx import checkpoint
 
-    if orbax_default or jax_arrays:
+    if jax_arrays:
         checkpoint._as_saved = lambda arrays: arrays
-    if orbax_default:  # the handler Orbax's StandardSave would use: replica-parallel on CPU and TPU
-        registry = checkpoint._array_registry
-        checkpoint._array_registry = lambda: registry(orbax_default=True)
     blocking, committed = [], []
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as directory:
         ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
@@ -114,9 +110,7 @@ def main() -> None:
                         help="the chip's peak for `mfu` where PUBLISHED_BF16_TFLOPS does not list it")
     parser.add_argument("--checkpoint-saves", type=int, default=4, help="checkpoints of the state timed (0: none)")
     parser.add_argument("--orbax-default-handler", action="store_true",
-                        help="save jax.Arrays with Orbax's stock handler (replica-parallel writes), not ddpm-eqx's")
-    parser.add_argument("--save-jax-arrays", action="store_true",
-                        help="save the jax.Arrays themselves instead of NumPy copies (ddpm-eqx before session 16)")
+                        help="save the jax.Arrays with Orbax's stock handler (replica-parallel), not as NumPy")
     args = parser.parse_args()
     allocator.reexec_with_caching_allocator()
     set_host_device_count(args.host_devices)
@@ -206,8 +200,7 @@ def main() -> None:
     out["ddpm1000_images_per_s"] = args.sample_batch / (1000 * per_step)
     out["ddim50_images_per_s"] = args.sample_batch / (50 * per_step)
     if args.checkpoint_saves > 0:
-        out.update(checkpoint_figures(state, args.checkpoint_saves, orbax_default=args.orbax_default_handler,
-                                      jax_arrays=args.save_jax_arrays))
+        out.update(checkpoint_figures(state, args.checkpoint_saves, jax_arrays=args.orbax_default_handler))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         print(json.dumps(out, indent=2))

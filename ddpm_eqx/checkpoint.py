@@ -124,31 +124,23 @@ def _not_orbax_read_only_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Given directory is read only")
 
 
-def _array_registry(*, orbax_default: bool = False) -> Any:  # a TypeHandlerRegistry (a Protocol beartype cannot check)
-    """Orbax's handlers for ``np.ndarray`` (what a single process saves) and ``jax.Array`` (a multi-process
-    run's, with replica-parallel writes only where they help).
+def _array_registry() -> Any:  # a TypeHandlerRegistry (a Protocol beartype cannot check)
+    """Orbax's handlers for ``np.ndarray`` (what a single process saves) and ``jax.Array`` (what a
+    multi-process run saves: an array's replicas span the processes, and each process writes its share).
 
     A single process hands Orbax its state as NumPy arrays (``jax.device_get``): Orbax's ``jax.Array``
     handler spends ~3 ms of Python per array on shardings, replica slices and transfers, so a checkpoint of
     the tests' tiny state (643 arrays) cost 2.0-2.3 s, 0.3-0.6 s of it blocking the training loop, against
-    0.8-1.3 s and 0.1-0.5 s as NumPy. The files hold the same arrays, and a restore reads them back as
-    sharded ``jax.Array`` objects either way. On CPU ``device_get`` returns views of XLA's buffers, and XLA does not
-    donate a buffer that has one (the next train step would copy the state): the NumPy handler's deep copy,
-    made before ``save`` returns, is what lets the views go (``tests/test_checkpoint.py`` donates the state
-    while its save is still writing). In a multi-process run an array's replicas span the processes, and
-    each process writes its share of the ``jax.Array`` objects.
-
-    By default Orbax splits every replicated ``jax.Array`` between the devices holding a copy, and each device
-    writes its part: on a pod, every host writes a share. A single process saving ``jax.Array`` objects (before
-    session 16; ``bench_train.py --save-jax-arrays``) writes all the parts anyway, and cutting them cost one
-    device slice per array and device before ``save`` returned (the seed's fashion_mnist state, 875 arrays,
-    153 MiB, 2 host devices: 1.2-1.6 s per save, 5.4-5.7 s on the first), so it is off there.
-    ``orbax_default``: Orbax's stock handler everywhere (what ``bench_train.py --orbax-default-handler`` measures).
+    0.8-1.3 s and 0.1-0.5 s as NumPy (and no device slices to compile and dispatch on a first save: 5.4-5.7 s
+    for the seed's state with Orbax's replica-parallel writes). The files hold the same arrays, and a restore
+    reads them back as sharded ``jax.Array`` objects either way. On CPU ``device_get`` returns views of XLA's
+    buffers, and XLA does not donate a buffer that has one (the next train step would copy the state): the
+    NumPy handler's deep copy, made before ``save`` returns, is what lets the views go
+    (``tests/test_checkpoint.py`` donates the state while its save is still writing).
     """
     from orbax.checkpoint._src.metadata.array_metadata_store import Store  # what Orbax's default handler uses
 
-    replica_parallel = None if orbax_default or jax.process_count() > 1 else False  # None: Orbax's default
-    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel, array_metadata_store=Store())
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=Store())  # replica-parallel: Orbax's default
     host = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=True)  # Orbax's default, relied on (above)
     return ocp.type_handlers.create_type_handler_registry((jax.Array, handler), (np.ndarray, host))
 

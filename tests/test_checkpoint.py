@@ -47,11 +47,11 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_a_single_process_save_dispatches_no_device_slices(tmp_path):
-    """Orbax's replica-parallel writing cuts each replicated array into one slice per device, a jitted
+    """Orbax's replica-parallel writing cuts each replicated ``jax.Array`` into one slice per device, a jitted
     slice compiled per shape on the first save (5.7 s for the seed's state) and dispatched on every save
-    before it returns. One process writes all the parts anyway, so ddpm-eqx turns it off there: saving a
-    replicated state over 2 devices compiles nothing, and the arrays read back bitwise. A save holds copies
-    of its own (``_host_copies``): the arrays can be donated to the next step while it writes."""
+    before it returns. One process saves NumPy arrays instead: saving a replicated state over 2 devices
+    compiles nothing, and the arrays read back bitwise. A save holds copies of its own (Orbax's NumPy handler
+    deep-copies ``device_get``'s views): the arrays can be donated to the next step while it writes."""
     result = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

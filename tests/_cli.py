@@ -44,9 +44,10 @@ def _train_args(data_dir: Path, workdir: Path, steps: int, *extra: str) -> list[
                 *[a for s in sets for a in ("--set", s)])
 
 
-def _train(data_dir, workdir, steps, tmp_path, *extra, check=True):  # noqa: ANN001, ANN202
-    return subprocess.run(_train_args(data_dir, workdir, steps, *extra), env=_env(tmp_path), capture_output=True,
-                          text=True, check=check, timeout=600)
+def _train(data_dir, workdir, steps, tmp_path, *extra, check=True, env=None):  # noqa: ANN001, ANN202
+    """A tiny CLI run to completion; ``env``: another environment than ``_env(tmp_path)``."""
+    return subprocess.run(_train_args(data_dir, workdir, steps, *extra), env=env or _env(tmp_path),
+                          capture_output=True, text=True, check=check, timeout=600)
 
 
 def _final_params(workdir: Path, step: int) -> list[np.ndarray]:

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -44,7 +43,7 @@ def test_sigkill_then_resume_under_glibc_is_bitwise_the_uninterrupted_run(refere
     from ddpm_eqx import allocator
 
     ref_dir, ref = reference_run
-    if allocator.tbbmalloc_proxy() is not None and sys.platform.startswith("linux"):
+    if allocator.preload_env(_env(tmp_path)) is not None:  # the CLI re-executes under tbbmalloc here
         assert "malloc tbbmalloc" in ref.stderr  # the reference run took the CLI's default
     workdir, env = tmp_path / "killed", {**_env(tmp_path), "DDPM_EQX_MALLOC": "system"}
     proc = subprocess.Popen(_train_args(fashion_mnist_data_dir, workdir, 8), env=env,
@@ -55,8 +54,7 @@ def test_sigkill_then_resume_under_glibc_is_bitwise_the_uninterrupted_run(refere
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(_train_args(fashion_mnist_data_dir, workdir, 8), env=env, capture_output=True,
-                             text=True, check=True, timeout=600)
+    resumed = _train(fashion_mnist_data_dir, workdir, 8, tmp_path, env=env)
     assert "resumed from" in resumed.stderr and "other software or devices" not in resumed.stderr
     assert "malloc system" in resumed.stderr
     # The killed run stored its traced step beside the XLA cache; the resumed one read it instead of tracing.

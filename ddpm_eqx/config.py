@@ -41,8 +41,10 @@ class DataConfig:
     split: str = "train"
     batch_size: int = 1024
     """The global batch, over all devices of all processes."""
-    cache: bool = False
-    """Decode the split once into host memory, then shuffle/batch from there."""
+    cache: bool | None = None
+    """Decode the split once into host memory, then shuffle/batch from there (the same batches). None: when the
+    run reads at least the whole split and it fits in half the available memory. Reading from disk decodes
+    every image every epoch: ~3k images/s per process here, below what an accelerator trains on."""
     image_size: int = 28
     channels: int = 1
     random_flip: bool = True

@@ -100,7 +100,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     check_divisible(cfg.data.batch_size, mesh, cfg.training.grad_accum_steps)
     optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
     process = make_diffusion(cfg.ddpm, cfg.training.loss_type)
-    iterator = make_train_iterator(cfg.data, seed=cfg.seed)
+    iterator = make_train_iterator(cfg.data, seed=cfg.seed, examples=cfg.training.num_train_steps * cfg.data.batch_size)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
     environment = describe()  # stored with every checkpoint, compared on resume
     # Weights are built only when there is no checkpoint to restore into their skeleton.

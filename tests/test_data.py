@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,8 +36,10 @@ def small_npz(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def small_cfg(small_npz: tuple[str, str], **kw: object) -> DataConfig:
+    """Read from disk unless ``cache`` is given (None: the default, decided by the run's length)."""
     path, data_dir = small_npz
-    return DataConfig(**{"dataset": path, "data_dir": data_dir, "batch_size": 16, "image_size": 4, **kw})  # type: ignore[arg-type]
+    kw = {"dataset": path, "data_dir": data_dir, "batch_size": 16, "image_size": 4, "cache": False, **kw}
+    return DataConfig(**kw)  # type: ignore[arg-type]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -119,6 +122,47 @@ def test_epochs_seeds_and_resume(small_npz: tuple[str, str], cache: bool) -> Non
     for a, b in zip(expected, take(resumed, 5)):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_batches_take_grains_shuffled_order() -> None:
+    """Batch ids are computed per batch (for speed) but must stay in the order of grain's shuffle/repeat/batch,
+    which earlier versions used: their checkpoints' data state (the next batch number) resumes into it."""
+    from ddpm_eqx.data import _ShuffledIds
+
+    # (start, stride, shard length, seed, batch): a process's strided shard; a seed whose epochs wrap past
+    # 2**32; batches larger than an epoch.
+    for start, stride, length, seed, size in [(0, 1, 64, 7, 16), (1, 3, 37, 2**32 - 2, 10), (0, 1, 5, 3, 12)]:
+        reference = grain.MapDataset.range(start, start + stride * length, stride).shuffle(seed).repeat()
+        reference = reference.batch(size, drop_remainder=True)
+        order = _ShuffledIds(start, stride, length, seed, size)
+        for batch in (0, 1, 2, 3, 4, 7, 1000):
+            np.testing.assert_array_equal(order(batch), np.asarray(reference[batch]), err_msg=f"{length=} {batch=}")
+
+
+def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str]) -> None:
+    """``data.cache=None``: decoded into memory for a run of at least one epoch (or an endless iterator), read
+    from disk for a shorter one; the same batches either way."""
+    logger = logging.getLogger("ddpm_eqx.data")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        runs = {examples: take(iterator(small_cfg(small_npz, cache=None), seed=1, examples=examples), 5)
+                for examples in (N_SMALL - 1, N_SMALL, None)}
+        take(iterator(small_cfg(small_npz, cache=False), seed=1, examples=None), 1)  # explicit: nothing to say
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(records) == 3
+    assert "read from disk" in records[0] and "reads it 0.984x" in records[0]
+    assert "decoded once into memory" in records[1] and "reads it 1x" in records[1]
+    assert "decoded once into memory" in records[2] and "reads it endlessly" in records[2]
+    for batches in (runs[N_SMALL], runs[None]):
+        for a, b in zip(runs[N_SMALL - 1], batches):
+            np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_resume_with_worker_process(small_npz: tuple[str, str]) -> None:
@@ -233,7 +277,7 @@ def test_npz_rgb_cifar(tmp_path: Path, shared_file: Callable[..., Path]) -> None
     images, labels = load_split_array(cfg, "train")
     np.testing.assert_array_equal(images, expected)  # stored losslessly, no resize at the same size
     np.testing.assert_array_equal(labels, expected_labels)
-    batch = next(iterator(cfg, seed=0))
+    batch = next(iterator(cfg, seed=0, examples=50))  # a one-batch run: read from disk, not decoded whole first
     assert batch["image"].shape == (50, 3, 32, 32) and batch["image"].min() >= -1 and batch["image"].max() <= 1
     grey, _ = load_split_array(dataclasses.replace(cfg, channels=1, image_size=16), "train", max_examples=300)
     subset = np.sort(np.random.default_rng(0).choice(10_000, 300, replace=False))  # the documented subset

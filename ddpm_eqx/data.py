@@ -35,8 +35,8 @@ from ddpm_eqx.data_prepare import DatasetInfo, feature_keys, open_split, prepare
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "load_split_array", "fit_image",
-    "to_model_images",
+    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "load_split_array", "subset_ids",
+    "fit_image", "to_model_images",
 ]
 
 
@@ -203,19 +203,24 @@ def _reader(cfg: DataConfig, split: str) -> _ReadRecords:
     return _ReadRecords(open_split(builder, split), image_key, label_key, cfg.image_size, cfg.channels)
 
 
+def subset_ids(n: int, max_examples: int | None) -> Int64[np.ndarray, " m"]:
+    """The examples of a split of ``n`` that ``load_split_array(..., max_examples)`` returns: all, or a random
+    subset (seed 0) kept in file order (files may be sorted by class)."""
+    if max_examples is None or max_examples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, max_examples, replace=False))
+
+
 def load_split_array(
     cfg: DataConfig, split: str, max_examples: int | None = None
 ) -> tuple[UInt8[np.ndarray, "n s s c"], Int32[np.ndarray, " n"]]:
     """A whole split fitted to ``cfg.image_size``/``cfg.channels``: uint8 NHWC images, int32 labels.
 
-    ``max_examples`` takes a random subset (seed 0, kept in file order): files may be sorted by class.
-    Not sharded over processes; decodes on ``cfg.num_workers`` processes.
+    ``max_examples``: at most that many, :func:`subset_ids`. Not sharded over processes; decodes on
+    ``cfg.num_workers`` processes.
     """
     read = _reader(cfg, split)
-    n = len(read.source)
-    ids = np.arange(n)
-    if max_examples is not None and max_examples < n:
-        ids = np.sort(np.random.default_rng(0).choice(n, max_examples, replace=False))
+    ids = subset_ids(len(read.source), max_examples)
     return _decode(read, ids, cfg.num_workers, f"{cfg.dataset}[{split}]")
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, UInt8
 
 from ddpm_eqx.classifier import FeatureReference, classifier_metrics, load_or_train_classifier, reference_statistics
 from ddpm_eqx.config import Config
-from ddpm_eqx.data import load_split_array, to_model_images
+from ddpm_eqx.data import load_split_array, subset_ids, to_model_images
 from ddpm_eqx.data_prepare import data_dir_of
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 
@@ -29,7 +29,13 @@ def cache_dir(cfg: Config) -> Path:
     return data_dir_of(cfg.data) / "ddpm_eqx_eval" / f"{Path(cfg.data.dataset).name}_{cfg.data.image_size}px_{cfg.data.channels}c"
 
 
-def _reference_images(cfg: Config) -> Float[np.ndarray, "n c h w"]:
+def reference_images(
+    cfg: Config, train: UInt8[np.ndarray, "n h w c"] | None = None
+) -> Float[np.ndarray, "m c h w"]:
+    """The training split's fixed subset the statistics are taken on; from ``train`` (the whole split, decoded
+    already) when given, else decoded."""
+    if train is not None:
+        return to_model_images(train[subset_ids(train.shape[0], REFERENCE_EXAMPLES)])
     images, _ = load_split_array(cfg.data, "train", max_examples=REFERENCE_EXAMPLES)
     return to_model_images(images)
 
@@ -40,14 +46,17 @@ class ClassifierMetric:
     def __init__(self, cfg: Config):
         directory = cache_dir(cfg)
 
+        decoded: list[np.ndarray] = []  # the train split, when the classifier is trained on it here
+
         def get_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             train = load_split_array(cfg.data, "train")
             test = load_split_array(cfg.data, "test")
+            decoded.append(train[0])
             return train[0], train[1], test[0], test[1]
 
         self.classifier, self.info = load_or_train_classifier(directory, Path(cfg.data.dataset).name, get_data)
         self.reference: FeatureReference = reference_statistics(
-            self.classifier, _reference_images(cfg), cache_path=directory / "classifier_reference.npz"
+            self.classifier, reference_images(cfg, *decoded), cache_path=directory / "classifier_reference.npz"
         )
 
     def __call__(self, images: Float[np.ndarray, "n c h w"], *, seed: int = 0) -> dict[str, float]:
@@ -66,7 +75,7 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
         with np.load(path) as cached:
             ref_mu, ref_sigma, ref_features = cached["mu"], cached["sigma"], cached["features"]
     else:
-        ref_features = inception_features(model, _reference_images(cfg))
+        ref_features = inception_features(model, reference_images(cfg))
         ref_mu, ref_sigma = feature_statistics(ref_features)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, mu=ref_mu, sigma=ref_sigma, features=ref_features)

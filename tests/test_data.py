@@ -165,6 +165,22 @@ def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: 
             np.testing.assert_array_equal(a["image"], b["image"])
 
 
+def test_reference_images_from_a_decoded_train_split_are_the_subset_decoded_alone(
+    small_npz: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ddpm-eqx eval`` takes the metric's reference subset from the train split it has just decoded to train
+    its classifier, instead of decoding that subset again."""
+    from ddpm_eqx import evaluate
+    from ddpm_eqx.config import Config
+
+    monkeypatch.setattr(evaluate, "REFERENCE_EXAMPLES", 10)
+    cfg = Config(data=small_cfg(small_npz))
+    train, _ = load_split_array(cfg.data, "train")
+    alone = evaluate.reference_images(cfg)
+    assert alone.shape == (10, 1, 4, 4)
+    np.testing.assert_array_equal(evaluate.reference_images(cfg, train), alone)
+
+
 def test_resume_with_worker_process(small_npz: tuple[str, str]) -> None:
     cfg = small_cfg(small_npz, num_workers=1)
     it = iterator(cfg, seed=3)

@@ -3,12 +3,29 @@
 #   ./run.sh main   install, prepare Fashion-MNIST, train, then sample from the result
 #   ./run.sh test   install, then run the tests (what CI runs)
 #   ./run.sh lock   re-resolve constraints.txt: the newest versions pyproject.toml allows, in a scratch venv
+#   ./run.sh jax-extra   the jax extra `main` installs for this machine's accelerator (cuda12, tpu; empty: CPU)
 # Extra arguments after `main` go to `ddpm-eqx train` (e.g. --set training.num_train_steps=500).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 
-install() {
+# The jax extra for this machine's accelerator, which `main` installs besides the package: cuda12 where
+# nvidia-smi lists an NVIDIA GPU (CUDA 12 wheels, drivers >= 525), tpu on a TPU VM that shows /dev/accel*,
+# nothing on a CPU (plain jax only runs there: without the plugin a GPU goes unused). DDPM_EQX_JAX_EXTRA sets
+# it instead (e.g. cuda13 for a CUDA 13 driver, tpu where the VM shows no /dev/accel*, empty for the CPU).
+jax_extra() {
+  if [ -n "${DDPM_EQX_JAX_EXTRA+set}" ]; then
+    echo "$DDPM_EQX_JAX_EXTRA"
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    echo cuda12
+  elif compgen -G "/dev/accel*" >/dev/null; then
+    echo tpu
+  fi
+}
+
+install() {  # $1: a jax extra to install too (cuda12, tpu, ...), or nothing
+  local extra=()
+  if [ -n "${1:-}" ]; then extra=("jax[$1]"); fi
   if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
   # [prepare] brings TensorFlow, which TFDS needs to prepare built-in datasets (reading does not).
   # constraints.txt holds the versions the tests last passed with, so an upstream release cannot change
@@ -18,10 +35,11 @@ install() {
   # uv installs the same versions as pip in a quarter of the time (26 s against 1:41 into a fresh venv);
   # where uv cannot be installed, pip does it.
   if "$VENV/bin/pip" install -q uv "${pins[@]}" 2>/dev/null; then
-    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" -e ".[prepare,test]" "${pins[@]}"
+    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" -e ".[prepare,test]" \
+      ${extra[@]+"${extra[@]}"} ${pins[@]+"${pins[@]}"}
   else
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e ".[prepare,test]" "${pins[@]}"
+    "$VENV/bin/pip" install -q -e ".[prepare,test]" ${extra[@]+"${extra[@]}"} ${pins[@]+"${pins[@]}"}
   fi
 }
 
@@ -38,7 +56,9 @@ link_offline_archives() {
 case "${1:-}" in
   main)
     shift
-    install
+    extra=$(jax_extra)
+    if [ -n "$extra" ]; then echo "installing jax[$extra] for this machine's accelerator (DDPM_EQX_JAX_EXTRA overrides)"; fi
+    install "$extra"
     link_offline_archives
     if "$VENV/bin/python" -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu')" 2>/dev/null; then
       config=configs/fashion_mnist.py      # an accelerator: the seed's config
@@ -54,6 +74,9 @@ case "${1:-}" in
     "$VENV/bin/mypy"
     "$VENV/bin/python" -m pytest -q
     ;;
+  jax-extra)  # what `main` would install besides the package (see jax_extra)
+    echo "$(jax_extra)"
+    ;;
   lock)
     scratch=$(mktemp -d)
     trap 'rm -rf "$scratch"' EXIT
@@ -67,7 +90,7 @@ case "${1:-}" in
     echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) pins)"
     ;;
   *)
-    echo "usage: ./run.sh main [train flags...] | ./run.sh test | ./run.sh lock" >&2
+    echo "usage: ./run.sh main [train flags...] | ./run.sh test | ./run.sh lock | ./run.sh jax-extra" >&2
     exit 2
     ;;
 esac

@@ -27,6 +27,9 @@ for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR
     os.environ[_var] = str(_SCRATCH / _var.lower())
 os.environ["TFDS_DATA_DIR"] = str(_SCRATCH / "tensorflow_datasets")  # tests pass their own data_dir anyway
 
+# The suite is built on (fake) CPU devices: on an accelerator machine, where `./run.sh main` installs jax's plugin
+# into the same venv, it still runs on the CPU. Set JAX_PLATFORMS yourself to try another backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XDG_CACHE_HOME"] = str(_SCRATCH / "cache")  # the CLI's persistent XLA cache
 # In-process tests share one persistent XLA cache (as do the subprocesses they start that do not set their own):
 # tests that build the same program (the same tiny config trained by several reliability tests) compile it once.

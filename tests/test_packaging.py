@@ -1,5 +1,8 @@
-"""constraints.txt (what ./run.sh installs) pins every dependency pyproject.toml declares, within its bounds."""
+"""constraints.txt (what ./run.sh installs) pins every dependency pyproject.toml declares, within its bounds;
+./run.sh picks jax's accelerator plugin for the machine."""
 
+import os
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -39,3 +42,24 @@ def test_constraints_pin_every_declared_dependency_within_its_bounds():
 
 def test_constraints_do_not_pin_this_project():
     assert "ddpm-eqx" not in _pins()  # installed editable from the checkout, never from an index
+
+
+def test_run_sh_installs_the_cuda_plugin_where_nvidia_smi_lists_a_gpu(tmp_path):
+    """Plain jax runs on the CPU only: `./run.sh main` on a GPU machine must add jax[cuda12] (or it trains there
+    on the CPU). Decided from nvidia-smi, faked here; DDPM_EQX_JAX_EXTRA overrides the guess."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_EQX_JAX_EXTRA"}
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+
+    def extra(script: str, **override: str) -> str:
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o755)
+        result = subprocess.run([str(ROOT / "run.sh"), "jax-extra"], env={**env, **override}, capture_output=True,
+                                text=True, timeout=60, check=True)
+        return result.stdout.strip()
+
+    assert extra('echo "GPU 0: NVIDIA H200 (UUID: GPU-5c1e)"') == "cuda12"
+    assert extra('echo "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."; exit 9') == ""
+    assert extra('echo "GPU 0: NVIDIA H200 (UUID: GPU-5c1e)"', DDPM_EQX_JAX_EXTRA="cuda13") == "cuda13"
+    assert extra('echo "GPU 0: NVIDIA H200 (UUID: GPU-5c1e)"', DDPM_EQX_JAX_EXTRA="") == ""

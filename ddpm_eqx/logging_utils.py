@@ -78,11 +78,16 @@ class MetricsWriter:
                 continue
         write_text_atomic(self.path, "".join(kept))
 
-    def write(self, step: int, metrics: dict[str, float], *, batch_size: int) -> dict[str, float | int]:
+    def write(self, step: int, metrics: dict[str, float], *, batch_size: int,
+              data_wait_s: float | None = None) -> dict[str, float | int]:
+        """One row: ``metrics`` with the throughput since the previous row and, given the seconds spent waiting
+        for batches since then, ``data_wait``: that share of the time (near 1: the input pipeline is the limit)."""
         now, (then, then_step) = time.perf_counter(), self._last
         self._last = (now, step)
         rate = (step - then_step) / max(now - then, 1e-9)
         record = {"step": step, **metrics, "steps_per_s": rate, "images_per_s": rate * batch_size}
+        if data_wait_s is not None:
+            record["data_wait"] = min(data_wait_s / max(now - then, 1e-9), 1.0)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:

@@ -125,9 +125,12 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
+    data_wait, input_bound_said = 0.0, False  # seconds in next(iterator) since the last metrics row
     try:
         while step < cfg.training.num_train_steps and stop.signal is None:
+            t_data = time.perf_counter()
             batch = next(iterator)
+            data_wait += time.perf_counter() - t_data
             images, labels = shard_batch((batch["image"], batch["label"]), mesh)
             new_state, metrics = train_step(state, images, labels)
             # Check the previous step's loss while this one runs: exact, without stalling dispatch.
@@ -140,7 +143,11 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 t_est = time.perf_counter()
             if step % cfg.training.log_every_steps == 0 or step == cfg.training.num_train_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                writer.write(step, values, batch_size=cfg.data.batch_size)
+                record = writer.write(step, values, batch_size=cfg.data.batch_size, data_wait_s=data_wait)
+                # Once per run, and not over the first row's steps, whose time is mostly compiling.
+                if not input_bound_said and step - start > cfg.training.log_every_steps:
+                    input_bound_said = _warn_if_input_bound(cfg, record["data_wait"])
+                data_wait = 0.0
             if step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps:
                 _check_loss(pending, ckpt)
                 _save(ckpt, step, state, iterator, cfg, environment)
@@ -167,6 +174,20 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
         raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
     return TrainResult(state, step, stop.signal is not None, train_step.traces)
+
+
+INPUT_BOUND = 0.3
+"""The share of training time spent waiting for batches above which the run says its input is the limit."""
+
+
+def _warn_if_input_bound(cfg: Config, data_wait: float) -> bool:
+    if data_wait <= INPUT_BOUND:
+        return False
+    fixes = [] if cfg.data.cache else ["data.cache=true (if the split fits in memory)"]
+    fixes.append(f"data.num_workers={max(2 * cfg.data.num_workers, 2)} (now {cfg.data.num_workers})")
+    log.warning("input-bound: %.0f%% of the time since the last metrics waited for batches (metrics.jsonl: "
+                "data_wait); faster with %s", 100 * data_wait, " or ".join(fixes))
+    return True
 
 
 def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:

@@ -220,10 +220,10 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
     else:
         write = MetricsWriter.write
 
-        def failing_write(self, step, metrics, *, batch_size):  # noqa: ANN001, ANN202
+        def failing_write(self, step, metrics, **kwargs):  # noqa: ANN001, ANN003, ANN202
             if step == 6:
                 raise full(self.path)
-            return write(self, step, metrics, batch_size=batch_size)
+            return write(self, step, metrics, **kwargs)
 
         monkeypatch.setattr(MetricsWriter, "write", failing_write)
     cfg = apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"),
@@ -240,6 +240,45 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
                                  "(checkpoint step 4 is intact)")
     assert _committed(workdir) == [2, 4]
     assert all(np.isfinite(x).all() for x in _final_params(workdir, 4) if np.issubdtype(x.dtype, np.floating))
+
+
+@pytest.mark.slow
+def test_a_run_waiting_on_its_input_says_so_once_and_logs_the_share(reference_run, fashion_mnist_data_dir, tmp_path,
+                                                                     monkeypatch, warnings_logged):
+    """A loader slower than the steps (1 s a batch against tiny steps) shows in metrics.jsonl's ``data_wait`` and
+    in one warning that names the fixes. The tiny run is the disk-full tests' program. The reference CLI run,
+    whose loader keeps up, says nothing."""
+    import json
+    import time
+
+    import ddpm_eqx.train
+    from _cli import ROOT, TINY
+    from ddpm_eqx.config import apply_overrides, load_config_file
+    from ddpm_eqx.train import INPUT_BOUND, train
+
+    class Slow:
+        def __init__(self, iterator):  # noqa: ANN001
+            self.iterator = iterator
+
+        def __next__(self):  # noqa: ANN204
+            time.sleep(1.0)
+            return next(self.iterator)
+
+        def __getattr__(self, name):  # noqa: ANN001, ANN204  (get_state, set_state, close)
+            return getattr(self.iterator, name)
+
+    make = ddpm_eqx.train.make_train_iterator
+    monkeypatch.setattr(ddpm_eqx.train, "make_train_iterator", lambda *args, **kw: Slow(make(*args, **kw)))
+    cfg = apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"),
+                          [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8",
+                           "wandb.mode=disabled"])
+    train(cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8] and all(0 <= r["data_wait"] <= 1 for r in rows)
+    assert all(r["data_wait"] > INPUT_BOUND for r in rows[1:]), rows
+    [warning] = [w for w in warnings_logged if "input-bound" in w]
+    assert "data.cache=true" in warning and "data.num_workers=2 (now 0)" in warning
+    assert "input-bound" not in reference_run[1].stderr
 
 
 @pytest.mark.parametrize("error,fix", [

@@ -34,6 +34,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """A flag outside its choices is a one-line error (exit 2), checked before JAX loads."""
+    if value not in choices:
+        fail(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}", 2)
+
+
 def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
     """XLA's allocation failure (jax.errors.JaxRuntimeError) as one line; other errors pass through."""
     text = str(e)
@@ -205,8 +214,7 @@ def sample(
     host_devices: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
-    if sampler not in ("ddpm", "ddim"):
-        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
+    _check_choice("--sampler", sampler, SAMPLERS)
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx import trace_cache
@@ -242,10 +250,8 @@ def eval_(
     host_devices: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
-    if metric not in ("classifier", "inception", "all"):
-        fail(f"--metric {metric!r}: use classifier, inception or all", 2)
-    if sampler not in ("ddpm", "ddim"):
-        fail(f"--sampler {sampler!r}: use ddpm or ddim", 2)
+    _check_choice("--metric", metric, ("classifier", "inception", "all"))
+    _check_choice("--sampler", sampler, SAMPLERS)
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx.data_import import DataError

@@ -139,14 +139,31 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     workdir = tmp_path / "never"
     args = _cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir),
                 *[a for s in overrides for a in ("--set", s)])
+    result = subprocess.run(args, env=_env_without_jax(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sample", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
+    (["eval", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
+    (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
+])
+def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, args, message):
+    result = subprocess.run(_cmd(*args, "--ckpt", str(tmp_path)), env=_env_without_jax(tmp_path), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: {message}"
+
+
+def _env_without_jax(tmp_path):  # noqa: ANN001, ANN202
+    """The CLI's environment with a ``jax`` package first on the path that fails on import."""
     (tmp_path / "no_jax" / "jax").mkdir(parents=True)
     (tmp_path / "no_jax" / "jax" / "__init__.py").write_text("raise ImportError('the CLI imported jax')\n")
     env = _env(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "no_jax"), env["PYTHONPATH"]])
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not workdir.exists()
+    return env
 
 
 def test_sample_errors_for_missing_and_empty_checkpoints(tmp_path):

@@ -156,23 +156,40 @@ def reference_run(fashion_mnist_data_dir: str, tmp_path_factory: pytest.TempPath
 
 
 class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
 
-@pytest.fixture
-def warnings_logged() -> Iterator[list[str]]:
-    """The warnings of the ``ddpm_eqx`` logger during the test (it stops propagating to pytest's
-    handlers once the CLI's logging is set up in the process, so caplog would miss them)."""
+@contextmanager
+def _logged(level: int) -> Iterator[list[str]]:
+    """The messages of the ``ddpm_eqx`` logger (and its children) at ``level`` and above while open; the logger
+    lets them through meanwhile. It stops propagating to pytest's handlers once the CLI's logging is set up in
+    the process, so caplog would miss them."""
     from ddpm_eqx.logging_utils import log
 
-    handler = _Messages()
+    handler, previous = _Messages(level), log.level
     log.addHandler(handler)
+    log.setLevel(min(level, log.getEffectiveLevel()))
     try:
         yield handler.messages
     finally:
         log.removeHandler(handler)
+        log.setLevel(previous)
+
+
+@pytest.fixture
+def warnings_logged() -> Iterator[list[str]]:
+    """The warnings of the ``ddpm_eqx`` logger during the test."""
+    with _logged(logging.WARNING) as messages:
+        yield messages
+
+
+@pytest.fixture
+def info_logged() -> Iterator[list[str]]:
+    """The ``ddpm_eqx`` logger's messages of level INFO and above during the test."""
+    with _logged(logging.INFO) as messages:
+        yield messages

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -139,23 +138,14 @@ def test_batches_take_grains_shuffled_order() -> None:
             np.testing.assert_array_equal(order(batch), np.asarray(reference[batch]), err_msg=f"{length=} {batch=}")
 
 
-def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str]) -> None:
+def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str],
+                                                                     info_logged: list[str]) -> None:
     """``data.cache=None``: decoded into memory for a run of at least one epoch (or an endless iterator), read
     from disk for a shorter one; the same batches either way."""
-    logger = logging.getLogger("ddpm_eqx.data")
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        runs = {examples: take(iterator(small_cfg(small_npz, cache=None), seed=1, examples=examples), 5)
-                for examples in (N_SMALL - 1, N_SMALL, None)}
-        take(iterator(small_cfg(small_npz, cache=False), seed=1, examples=None), 1)  # explicit: nothing to say
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    runs = {examples: take(iterator(small_cfg(small_npz, cache=None), seed=1, examples=examples), 5)
+            for examples in (N_SMALL - 1, N_SMALL, None)}
+    take(iterator(small_cfg(small_npz, cache=False), seed=1, examples=None), 1)  # explicit: nothing to say
+    records = info_logged
     assert len(records) == 3
     assert "read from disk" in records[0] and "reads it 0.984x" in records[0]
     assert "decoded once into memory" in records[1] and "reads it 1x" in records[1]

@@ -17,6 +17,20 @@ SAMPLES = "training.num_sample=4"
 and only the reference run and the multi-process run look at the grids)."""
 
 
+def in_process_sets(data_dir: str) -> list[str]:
+    """The 8-step tiny fashion_mnist run that in-process tests share (disk-full, input-bound, the accelerator
+    warning): one program, compiled once into the run's persistent cache."""
+    return [*TINY, f"data.data_dir={data_dir}", "training.num_train_steps=8", "wandb.mode=disabled"]
+
+
+def in_process_config(data_dir: str):  # noqa: ANN201
+    """:func:`in_process_sets` over ``configs/fashion_mnist.py``, as ``ddpm-eqx train --dataset fashion_mnist``
+    resolves it."""
+    from ddpm_eqx.config import apply_overrides, load_config_file
+
+    return apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"), in_process_sets(data_dir))
+
+
 NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 """What conftest adds to ``XLA_FLAGS`` (the tests compile far more than they compute)."""
 

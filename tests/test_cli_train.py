@@ -213,13 +213,13 @@ def test_a_config_sized_for_accelerators_warns_on_cpu_with_an_estimate(reference
 
     import cli
     import ddpm_eqx.train
-    from _cli import TINY
+    from _cli import in_process_sets
 
     assert "sized for TPUs/GPUs" not in reference_run[1].stderr  # batch 8 on its own: no warning
     monkeypatch.setattr(ddpm_eqx.train, "undersized_machine", lambda cfg: cfg.data.batch_size == 8)
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --host-devices would edit it
     monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "0")  # the disk-full tests' program, not an exported one
-    sets = [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8", "wandb.mode=disabled"]
+    sets = in_process_sets(fashion_mnist_data_dir)
     result = CliRunner().invoke(cli.app, ["train", "--dataset", "fashion_mnist", "--workdir", str(tmp_path / "big"),
                                           *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output[-2000:]

@@ -199,9 +199,9 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
 
     import orbax.checkpoint as ocp
 
-    from _cli import ROOT, TINY
+    from _cli import in_process_config
     from ddpm_eqx.checkpoint import CheckpointError
-    from ddpm_eqx.config import apply_overrides, load_config_file, to_json
+    from ddpm_eqx.config import to_json
     from ddpm_eqx.logging_utils import MetricsWriter
     from ddpm_eqx.train import train
 
@@ -226,9 +226,7 @@ def test_a_disk_that_fills_is_one_clear_error_naming_the_intact_checkpoint(where
             return write(self, step, metrics, **kwargs)
 
         monkeypatch.setattr(MetricsWriter, "write", failing_write)
-    cfg = apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"),
-                          [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8",
-                           "wandb.mode=disabled"])
+    cfg = in_process_config(fashion_mnist_data_dir)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(to_json(cfg))  # as the CLI writes it; _final_params reads it
@@ -252,8 +250,7 @@ def test_a_run_waiting_on_its_input_says_so_once_and_logs_the_share(reference_ru
     import time
 
     import ddpm_eqx.train
-    from _cli import ROOT, TINY
-    from ddpm_eqx.config import apply_overrides, load_config_file
+    from _cli import in_process_config
     from ddpm_eqx.train import INPUT_BOUND, train
 
     class Slow:
@@ -269,9 +266,7 @@ def test_a_run_waiting_on_its_input_says_so_once_and_logs_the_share(reference_ru
 
     make = ddpm_eqx.train.make_train_iterator
     monkeypatch.setattr(ddpm_eqx.train, "make_train_iterator", lambda *args, **kw: Slow(make(*args, **kw)))
-    cfg = apply_overrides(load_config_file(ROOT / "configs" / "fashion_mnist.py"),
-                          [*TINY, f"data.data_dir={fashion_mnist_data_dir}", "training.num_train_steps=8",
-                           "wandb.mode=disabled"])
+    cfg = in_process_config(fashion_mnist_data_dir)
     train(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8] and all(0 <= r["data_wait"] <= 1 for r in rows)

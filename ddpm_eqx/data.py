@@ -35,7 +35,7 @@ from ddpm_eqx.data_prepare import DatasetInfo, feature_keys, open_split, prepare
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "load_split_array", "subset_ids",
+    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "reads_from_memory", "load_split_array", "subset_ids",
     "fit_image", "to_model_images",
 ]
 
@@ -276,4 +276,16 @@ def make_train_iterator(
     # An endless dataset of batch numbers (its iterator's state is the next one, as with grain's own batching).
     make_batch = _MakeBatch(order, reader, flip_seed if cfg.random_flip else None)
     ds = grain.MapDataset.range(sys.maxsize // size).map(make_batch)
-    return _iterate(ds, workers, cfg.prefetch)
+    iterator = _iterate(ds, workers, cfg.prefetch)
+    if cache:
+        _from_memory.add(iterator)
+    return iterator
+
+
+_from_memory: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+def reads_from_memory(iterator: Any) -> bool:
+    """Whether ``iterator``, from :func:`make_train_iterator`, gathers its batches from the decoded split
+    (``data.cache``, asked for or decided) rather than reading them from disk."""
+    return iterator in _from_memory

@@ -25,7 +25,7 @@ from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
 from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
-from ddpm_eqx.data import make_train_iterator, prepare_dataset
+from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
 from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.generate import ShardedSampler
@@ -146,7 +146,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 record = writer.write(step, values, batch_size=cfg.data.batch_size, data_wait_s=data_wait)
                 # Once per run, and not over the first row's steps, whose time is mostly compiling.
                 if not input_bound_said and step - start > cfg.training.log_every_steps:
-                    input_bound_said = _warn_if_input_bound(cfg, record["data_wait"])
+                    input_bound_said = _warn_if_input_bound(cfg, record["data_wait"], reads_from_memory(iterator))
                 data_wait = 0.0
             if step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps:
                 _check_loss(pending, ckpt)
@@ -180,13 +180,16 @@ INPUT_BOUND = 0.3
 """The share of training time spent waiting for batches above which the run says its input is the limit."""
 
 
-def _warn_if_input_bound(cfg: Config, data_wait: float) -> bool:
+def _warn_if_input_bound(cfg: Config, data_wait: float, from_memory: bool) -> bool:
     if data_wait <= INPUT_BOUND:
         return False
-    fixes = [] if cfg.data.cache else ["data.cache=true (if the split fits in memory)"]
-    fixes.append(f"data.num_workers={max(2 * cfg.data.num_workers, 2)} (now {cfg.data.num_workers})")
+    if from_memory:  # workers only decode a cached split: neither setting would help
+        remedy = "though the batches already come from memory (data.cache): the host's CPU cannot gather them faster"
+    else:
+        remedy = (f"faster with data.cache=true (if the split fits in memory) or data.num_workers="
+                  f"{max(2 * cfg.data.num_workers, 2)} (now {cfg.data.num_workers})")
     log.warning("input-bound: %.0f%% of the time since the last metrics waited for batches (metrics.jsonl: "
-                "data_wait); faster with %s", 100 * data_wait, " or ".join(fixes))
+                "data_wait); %s", 100 * data_wait, remedy)
     return True
 
 

@@ -16,7 +16,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ddpm_eqx.config import DataConfig
-from ddpm_eqx.data import DataError, fit_image, load_split_array, make_train_iterator, prepare_dataset
+from ddpm_eqx.data import (
+    DataError, fit_image, load_split_array, make_train_iterator, prepare_dataset, reads_from_memory,
+)
 
 N_SMALL = 64  # examples of the small synthetic dataset; 4 batches of 16 per epoch
 
@@ -141,10 +143,15 @@ def test_batches_take_grains_shuffled_order() -> None:
 def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str],
                                                                      info_logged: list[str]) -> None:
     """``data.cache=None``: decoded into memory for a run of at least one epoch (or an endless iterator), read
-    from disk for a shorter one; the same batches either way."""
-    runs = {examples: take(iterator(small_cfg(small_npz, cache=None), seed=1, examples=examples), 5)
-            for examples in (N_SMALL - 1, N_SMALL, None)}
-    take(iterator(small_cfg(small_npz, cache=False), seed=1, examples=None), 1)  # explicit: nothing to say
+    from disk for a shorter one; the same batches either way. ``reads_from_memory`` tells the run which (its
+    input-bound warning depends on it)."""
+    iterators = {examples: iterator(small_cfg(small_npz, cache=None), seed=1, examples=examples)
+                 for examples in (N_SMALL - 1, N_SMALL, None)}
+    runs = {examples: take(it, 5) for examples, it in iterators.items()}
+    assert [reads_from_memory(it) for it in iterators.values()] == [False, True, True]
+    forced = {cache: iterator(small_cfg(small_npz, cache=cache), seed=1, examples=1) for cache in (True, False)}
+    assert reads_from_memory(forced[True]) and not reads_from_memory(forced[False])
+    take(forced[False], 1)  # explicit: nothing to say
     records = info_logged
     assert len(records) == 3
     assert "read from disk" in records[0] and "reads it 0.984x" in records[0]

@@ -276,6 +276,20 @@ def test_a_run_waiting_on_its_input_says_so_once_and_logs_the_share(reference_ru
     assert "input-bound" not in reference_run[1].stderr
 
 
+def test_the_input_bound_advice_fits_where_the_batches_come_from(warnings_logged) -> None:  # noqa: ANN001
+    """From disk: cache the split or add workers. From memory neither helps (workers only decode a cached split),
+    so the warning says so instead of suggesting data.cache=true again. Nothing at or below the threshold."""
+    from ddpm_eqx.config import Config, DataConfig
+    from ddpm_eqx.train import INPUT_BOUND, _warn_if_input_bound
+
+    cfg = Config(data=DataConfig(num_workers=2))
+    assert not _warn_if_input_bound(cfg, INPUT_BOUND, from_memory=False) and not warnings_logged
+    assert _warn_if_input_bound(cfg, 0.5, from_memory=False) and _warn_if_input_bound(cfg, 0.5, from_memory=True)
+    disk, memory = warnings_logged
+    assert "50%" in disk and "data.cache=true" in disk and "data.num_workers=4 (now 2)" in disk
+    assert "50%" in memory and "already come from memory" in memory and "=" not in memory.split(";")[1]
+
+
 @pytest.mark.parametrize("error,fix", [
     (OSError(28, "No space left on device"), "free space there"),
     (OSError(13, "Permission denied"), "make the folder writable"),

@@ -35,8 +35,8 @@ from ddpm_eqx.data_prepare import DatasetInfo, feature_keys, open_split, prepare
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "reads_from_memory", "load_split_array", "subset_ids",
-    "fit_image", "to_model_images",
+    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "reads_from_memory", "load_split_array",
+    "subset_ids", "fit_image", "to_model_images",
 ]
 
 
@@ -160,6 +160,7 @@ def _mark_absl_flags_parsed() -> None:
 # An iterator whose prefetch thread still runs at interpreter exit can abort it (a C++ thread destroyed while
 # joinable): close them first; grain's __del__ would then close again after its modules are gone, so disarm it.
 _prefetching: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+_from_memory: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()  # see reads_from_memory
 
 
 @atexit.register
@@ -280,9 +281,6 @@ def make_train_iterator(
     if cache:
         _from_memory.add(iterator)
     return iterator
-
-
-_from_memory: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
 
 
 def reads_from_memory(iterator: Any) -> bool:

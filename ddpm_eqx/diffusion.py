@@ -223,8 +223,12 @@ def diffusion_loss(
 
     x_self_cond = None
     if process.self_condition:
+        # The gradient stopped at the weights, before the cond, not only at its output: a cond whose inputs carry
+        # no tangent is not differentiated, where one that closes over the weights has both branches linearised.
+        frozen = eqx.combine(jax.lax.stop_gradient(eqx.filter(model, eqx.is_array)), model)
+
         def estimate_x0() -> Image:
-            out = model(x_t, t, x_self_cond=None, label=label, key=sc_model_key, inference=False)
+            out = frozen(x_t, t, x_self_cond=None, label=label, key=sc_model_key, inference=False)
             return jax.lax.stop_gradient(process.predictions(out, x_t, t, clip_x0=False).pred_x0)
 
         use = jax.random.bernoulli(sc_key, 0.5) if use_self_cond is None else use_self_cond

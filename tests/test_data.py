@@ -140,6 +140,24 @@ def test_batches_take_grains_shuffled_order() -> None:
             np.testing.assert_array_equal(order(batch), np.asarray(reference[batch]), err_msg=f"{length=} {batch=}")
 
 
+@pytest.mark.parametrize("max_index", [0, 1, 2, 5, 255, 256, 257, 16_383, 16_384, 59_999, 65_535, 65_536, 65_537, 1_000_003,
+                                       2**32, 2**40 + 5, 2**62 + 9])
+def test_the_vectorised_permutation_is_grains_index_for_index(max_index: int) -> None:
+    """``_index_shuffle`` reimplements grain's C++ ``index_shuffle`` (Simon cipher, ``std::seed_seq`` keys,
+    cycle walking) over arrays; every block size from 16 bits to 64, including grain's own quirk at powers of
+    two (65,536 gets a 16-bit block, so the values stay below it), and seeds at both ends of 32 bits."""
+    from grain.experimental import index_shuffle
+
+    from ddpm_eqx.data import _index_shuffle
+
+    ids = (np.arange(max_index + 1) if max_index < 70_000
+           else np.random.default_rng(max_index % 2**32).integers(0, max_index, 2000, endpoint=True))
+    for seed in (0, 1, 12_345, 2**32 - 1):
+        expected = [index_shuffle(int(i), max_index=max_index, seed=seed, rounds=4) for i in ids]
+        np.testing.assert_array_equal(_index_shuffle(ids, max_index=max_index, seed=seed), expected,
+                                      err_msg=f"{seed=}")
+
+
 def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str],
                                                                      info_logged: list[str]) -> None:
     """``data.cache=None``: decoded into memory for a run of at least one epoch (or an endless iterator), read

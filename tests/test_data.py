@@ -131,8 +131,10 @@ def test_batches_take_grains_shuffled_order() -> None:
     from ddpm_eqx.data import _ShuffledIds
 
     # (start, stride, shard length, seed, batch): a process's strided shard; a seed whose epochs wrap past
-    # 2**32; batches larger than an epoch.
-    for start, stride, length, seed, size in [(0, 1, 64, 7, 16), (1, 3, 37, 2**32 - 2, 10), (0, 1, 5, 3, 12)]:
+    # 2**32; batches larger than an epoch; a shard large enough for the vectorised permutation (2**14 or
+    # more), with a batch across an epoch's end.
+    for start, stride, length, seed, size in [(0, 1, 64, 7, 16), (1, 3, 37, 2**32 - 2, 10), (0, 1, 5, 3, 12),
+                                              (2, 3, 20_000, 2**32 - 1, 3_000)]:
         reference = grain.MapDataset.range(start, start + stride * length, stride).shuffle(seed).repeat()
         reference = reference.batch(size, drop_remainder=True)
         order = _ShuffledIds(start, stride, length, seed, size)

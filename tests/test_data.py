@@ -1,6 +1,7 @@
 """Data pipeline: preparation, determinism and resume, image fitting, imports, errors."""
 
 import dataclasses
+import gzip
 import json
 import time
 import warnings
@@ -75,7 +76,7 @@ def _close_iterators() -> Iterator[None]:
 # --- the real fashion_mnist ----------------------------------------------------------------------
 
 
-def test_fashion_mnist_offline(fashion_mnist_data_dir: str) -> None:
+def test_fashion_mnist_offline(fashion_mnist_data_dir: str, shared_file: Callable[..., Path]) -> None:
     cfg = DataConfig(dataset="fashion_mnist", data_dir=fashion_mnist_data_dir)
     info = prepare_dataset(cfg, download=False)
     assert info.splits == {"train": 60_000, "test": 10_000}
@@ -88,6 +89,16 @@ def test_fashion_mnist_offline(fashion_mnist_data_dir: str) -> None:
     images, _ = load_split_array(cfg, "train", max_examples=6000)
     assert images.shape == (6000, 28, 28, 1) and images.dtype == np.uint8
     assert abs(images.mean() / 255 - 72.94 / 255) < 0.01
+
+    # The images we decode ourselves (Pillow on the stored PNG bytes) are the official archive's, bit for bit:
+    # the same multiset of (image, label) pairs (TFDS stores the examples in its own order).
+    images, labels = load_split_array(cfg, "test")
+    with gzip.open(shared_file("fashion_mnist", "t10k-images-idx3-ubyte.gz"), "rb") as f:
+        official = np.frombuffer(f.read(), np.uint8, offset=16).reshape(10_000, 28 * 28)
+    with gzip.open(shared_file("fashion_mnist", "t10k-labels-idx1-ubyte.gz"), "rb") as f:
+        official_labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    ours = sorted(x.tobytes() + bytes([y]) for x, y in zip(images.reshape(10_000, -1), labels))
+    assert ours == sorted(x.tobytes() + bytes([y]) for x, y in zip(official, official_labels))
 
     batch = next(iterator(dataclasses.replace(cfg, batch_size=32, cache=False), seed=0))
     assert batch["image"].shape == (32, 1, 28, 28) and batch["image"].dtype == np.float32

@@ -45,6 +45,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
 
 from ddpm_eqx.parallel import CPU_XLA_FLAGS  # noqa: E402  (after the hook, before any backend starts)
+from _archives import FASHION_MNIST_FILES, SHARED_DATA  # noqa: E402
 from _cli import NO_LLVM_OPT  # noqa: E402
 
 # In-process tests compile with the XLA:CPU flags the CLI uses (subprocesses get them from the CLI).
@@ -55,15 +56,6 @@ from _cli import NO_LLVM_OPT  # noqa: E402
 _OPT_LEVEL = () if NO_LLVM_OPT.split("=")[0] in os.environ.get("XLA_FLAGS", "") else (NO_LLVM_OPT,)
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS, *_OPT_LEVEL]).strip()
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-"""``../shared/data`` beside the checkout (see its README): real archives for offline tests."""
-
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

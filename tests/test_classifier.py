@@ -1,6 +1,5 @@
 """Offline classifier metric on real Fashion-MNIST: accuracy, caching, and fd/kid_classifier behaviour."""
 
-import gzip
 import time
 from pathlib import Path
 
@@ -10,37 +9,22 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _archives import FASHION_MNIST_FILES, SHARED_DATA, read_idx
 
 from ddpm_eqx import classifier as clf
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
-FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
+DATA_DIR = SHARED_DATA / "fashion_mnist"
 NOISE_LEVELS = (0.1, 0.3, 0.6, 1.0)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """IDX format: 2 zero bytes, dtype code 0x08 (uint8), ndim, big-endian uint32 dims, then the data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    assert raw[:3] == b"\x00\x00\x08", f"{path} is not a uint8 IDX file"
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _fashion_mnist() -> clf.LabelledSplits:
-    x_train, y_train, x_test, y_test = (_read_idx(DATA_DIR / name) for name in FILES)
+    x_train, y_train, x_test, y_test = (read_idx(DATA_DIR / name) for name in FASHION_MNIST_FILES)
     return clf.LabelledSplits(x_train[..., None], y_train.astype(np.int64), x_test[..., None], y_test.astype(np.int64))
 
 
 @pytest.fixture(scope="module")
 def data() -> clf.LabelledSplits:
-    if not all((DATA_DIR / name).is_file() for name in FILES):
+    if not all((DATA_DIR / name).is_file() for name in FASHION_MNIST_FILES):
         pytest.skip(f"Fashion-MNIST archives not found in {DATA_DIR} (see shared/data/README.md)")
     return _fashion_mnist()
 

@@ -1,7 +1,6 @@
 """Data pipeline: preparation, determinism and resume, image fitting, imports, errors."""
 
 import dataclasses
-import gzip
 import json
 import time
 import warnings
@@ -14,6 +13,7 @@ import jaxtyping
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from _archives import read_idx
 from PIL import Image
 
 from ddpm_eqx.config import DataConfig
@@ -93,10 +93,8 @@ def test_fashion_mnist_offline(fashion_mnist_data_dir: str, shared_file: Callabl
     # The images we decode ourselves (Pillow on the stored PNG bytes) are the official archive's, bit for bit:
     # the same multiset of (image, label) pairs (TFDS stores the examples in its own order).
     images, labels = load_split_array(cfg, "test")
-    with gzip.open(shared_file("fashion_mnist", "t10k-images-idx3-ubyte.gz"), "rb") as f:
-        official = np.frombuffer(f.read(), np.uint8, offset=16).reshape(10_000, 28 * 28)
-    with gzip.open(shared_file("fashion_mnist", "t10k-labels-idx1-ubyte.gz"), "rb") as f:
-        official_labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    official = read_idx(shared_file("fashion_mnist", "t10k-images-idx3-ubyte.gz")).reshape(10_000, -1)
+    official_labels = read_idx(shared_file("fashion_mnist", "t10k-labels-idx1-ubyte.gz"))
     ours = sorted(x.tobytes() + bytes([y]) for x, y in zip(images.reshape(10_000, -1), labels))
     assert ours == sorted(x.tobytes() + bytes([y]) for x, y in zip(official, official_labels))
 

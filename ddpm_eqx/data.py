@@ -133,13 +133,14 @@ def _seed_seq(seed: int, n: int) -> tuple[int, ...]:
     def mix(x: int) -> int:
         return x ^ (x >> 27)
 
-    for k in range(max(2, n)):  # max(s + 1, n) with one seed word
+    m = max(2, n)  # max(s + 1, n) with s = 1 seed word
+    for k in range(m):
         r1 = 1664525 * mix(out[k % n] ^ out[(k + p) % n] ^ out[(k - 1) % n]) & m32
         r2 = (r1 + (1 if k == 0 else k % n + seed if k == 1 else k % n)) & m32
         out[(k + p) % n] = (out[(k + p) % n] + r1) & m32
         out[(k + q) % n] = (out[(k + q) % n] + r2) & m32
         out[k % n] = r2
-    for k in range(max(2, n), max(2, n) + n):
+    for k in range(m, m + n):
         r3 = 1566083941 * mix((out[k % n] + out[(k + p) % n] + out[(k - 1) % n]) & m32) & m32
         r4 = (r3 - k % n) & m32
         out[(k + p) % n] ^= r3

@@ -1,9 +1,13 @@
 """constraints.txt (what ./run.sh installs) pins every dependency pyproject.toml declares, within its bounds;
-./run.sh picks jax's accelerator plugin for the machine."""
+the package declares what it imports; ./run.sh picks jax's accelerator plugin for the machine;
+benchmarks/device_kit.sh carries what a device image lacks."""
 
+import ast
 import glob
+import importlib.metadata
 import os
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -39,6 +43,54 @@ def test_constraints_pin_every_declared_dependency_within_its_bounds():
         assert name in pins, f"{req.name} is not in constraints.txt: run ./run.sh lock"
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {req.name}=={pins[name]} outside pyproject's {req.specifier}: run ./run.sh lock")
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+
+
+# Imported only inside a function that says what to install when it is missing.
+OPTIONAL_IMPORTS = {"torch": "inception.convert_pth_to_npz, a one-off conversion of pytorch-fid's weights"}
+
+
+def test_every_third_party_import_of_the_package_is_a_declared_dependency():
+    """What the package imports must be in pyproject's dependencies, not merely installed by another package
+    (psutil and absl-py were, through wandb and TFDS, until this test)."""
+    modules: set[str] = set()
+    for path in [ROOT / "cli.py", *(ROOT / "ddpm_eqx").glob("*.py"), *(ROOT / "configs").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.partition(".")[0])
+    modules -= set(sys.stdlib_module_names) | {"__future__", "ddpm_eqx", "configs", "cli", *OPTIONAL_IMPORTS}
+    assert {"jax", "grain", "PIL"} <= modules  # the scan found the imports
+    owners = importlib.metadata.packages_distributions()
+    declared = _declared()
+    for module in sorted(modules):
+        dists = {canonicalize_name(d) for d in owners.get(module, [])}
+        assert dists, f"{module} is imported by the package but not installed"
+        assert dists & declared, f"{module} (from {sorted(dists)}) is imported but not declared in pyproject.toml"
+
+
+def test_the_device_kit_carries_what_the_device_image_lacks_at_the_pinned_versions():
+    """`benchmarks/device_kit.sh missing`: this venv's dependency closure of ddpm-eqx, less the device image's
+    packages and the ones a kit run never imports (wandb, tbb), each at the version installed here."""
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_kit.sh"), "missing"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    carried = dict(line.split("==") for line in result.stdout.split())
+    names = {canonicalize_name(n) for n in carried}
+    lines = (ROOT / "benchmarks" / "device_image_packages.txt").read_text().splitlines()
+    image = {canonicalize_name(line) for line in lines if line.strip() and not line.startswith("#")}
+    assert {"jax", "equinox", "optax", "orbax-checkpoint"} <= image
+    assert {"grain", "tensorflow-datasets", "array-record", "beartype"} <= names  # imported, not in the image
+    assert "promise" in names  # a dependency of a dependency (TFDS), not declared here
+    assert not names & (image | {"wandb", "tbb", "ddpm-eqx"})
+    assert not names & {"cwevals", "opentelemetry-sdk"}  # wandb's own, left out with it
+    for name, version in carried.items():
+        assert importlib.metadata.version(name) == version
 
 
 def test_constraints_do_not_pin_this_project():

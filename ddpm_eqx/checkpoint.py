@@ -128,27 +128,42 @@ def _array_registry() -> Any:  # a TypeHandlerRegistry (a Protocol beartype cann
     """Orbax's handlers for ``np.ndarray`` (what a single process saves) and ``jax.Array`` (what a
     multi-process run saves: an array's replicas span the processes, and each process writes its share).
 
-    A single process hands Orbax its state as NumPy arrays (``jax.device_get``): Orbax's ``jax.Array``
+    A single process hands Orbax its state as NumPy arrays (:func:`_as_saved`): Orbax's ``jax.Array``
     handler spends ~3 ms of Python per array on shardings, replica slices and transfers, so a checkpoint of
     the tests' tiny state (643 arrays) cost 2.0-2.3 s, 0.3-0.6 s of it blocking the training loop, against
     0.8-1.3 s and 0.1-0.5 s as NumPy (and no device slices to compile and dispatch on a first save: 5.4-5.7 s
     for the seed's state with Orbax's replica-parallel writes). The files hold the same arrays, and a restore
-    reads them back as sharded ``jax.Array`` objects either way. On CPU ``device_get`` returns views of XLA's
-    buffers, and XLA does not donate a buffer that has one (the next train step would copy the state): the
-    NumPy handler's deep copy, made before ``save`` returns, is what lets the views go
-    (``tests/test_checkpoint.py`` donates the state while its save is still writing).
+    reads them back as sharded ``jax.Array`` objects either way. The NumPy handler's own deep copy is off:
+    :func:`_as_saved` copies where a copy is needed, and only there.
     """
     from orbax.checkpoint._src.metadata.array_metadata_store import Store  # what Orbax's default handler uses
 
     handler = ocp.type_handlers.ArrayHandler(array_metadata_store=Store())  # replica-parallel: Orbax's default
-    host = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=True)  # Orbax's default, relied on (above)
+    host = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)  # _as_saved's arrays are the save's own
     return ocp.type_handlers.create_type_handler_registry((jax.Array, handler), (np.ndarray, host))
 
 
+def _host_copy_of_its_own(x: Any) -> bool:
+    """Whether ``jax.device_get(x)`` is host memory nothing else writes: a copy out of an accelerator's memory
+    (cached on the ``jax.Array`` until that is deleted). On a CPU it is a view of XLA's buffer."""
+    return isinstance(x, jax.Array) and all(d.platform != "cpu" for d in x.devices())
+
+
 def _as_saved(arrays: PyTree) -> PyTree:
-    """What ``save`` hands Orbax: NumPy arrays in a single process, the ``jax.Array`` objects otherwise (see
-    :func:`_array_registry`)."""
-    return jax.device_get(arrays) if jax.process_count() == 1 else arrays
+    """What ``save`` hands Orbax: in a single process NumPy arrays that belong to the save (see
+    :func:`_array_registry`), the ``jax.Array`` objects otherwise.
+
+    On a CPU ``device_get`` returns views of XLA's buffers, and XLA does not donate a buffer that has one (the
+    next train step would copy the state): those are copied before ``save`` returns (``tests/test_checkpoint.py``
+    donates the state while its save is still writing), as are NumPy arrays, which their owner may change. An
+    accelerator's arrays arrive as host copies already: copying them again (Orbax's default) held the state
+    twice in host memory while it was written.
+    """
+    if jax.process_count() > 1:
+        return arrays
+    host = jax.device_get(arrays)
+    return jax.tree_util.tree_map(lambda h, x: h if _host_copy_of_its_own(x) else np.array(h, copy=True),
+                                  host, arrays)
 
 
 class Checkpointer:

@@ -59,3 +59,22 @@ def test_a_single_process_save_dispatches_no_device_slices(tmp_path):
     assert report["devices"] == 2
     assert report["compiles"] == []
     assert report["step"] == 3 and report["same"] and report["donated"]
+
+
+def test_a_save_of_numpy_arrays_writes_them_as_they_were_when_it_was_called(tmp_path):
+    """NumPy arrays in a state may be changed by their owner while an asynchronous save still writes them:
+    the save holds its own copy (Orbax's NumPy handler no longer copies; ``_as_saved`` does, except for an
+    accelerator's arrays, which ``device_get`` has already copied to the host)."""
+    import jax
+    import numpy as np
+
+    from ddpm_eqx.checkpoint import Checkpointer
+
+    array = np.ones((2048, 4096), np.float32)  # 32 MiB: still being written after save returns
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, [array], {"step": 1}, {})
+    array[:] = 0
+    ckpt.close()
+    _, restored, _, _ = Checkpointer(tmp_path / "ckpt", read_only=True).restore_latest(
+        [jax.ShapeDtypeStruct(array.shape, array.dtype)])
+    assert np.all(np.asarray(restored[0]) == 1)

@@ -10,7 +10,11 @@ The mesh axis is ``Auto`` (not the 0.10 default ``Explicit``), so ordinary code 
 
 from __future__ import annotations
 
+import importlib.metadata
+import mmap
 import os
+import warnings
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -40,7 +44,38 @@ def set_host_device_count(count: int | None) -> None:
         count = os.cpu_count() or 1
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
     ours = [f for f in CPU_XLA_FLAGS if not any(g.split("=")[0] == f.split("=")[0] for g in flags)]
+    unknown = [f for f in ours if not xla_knows(f)]
+    if unknown:
+        warnings.warn(f"this jaxlib ({importlib.metadata.version('jaxlib')}) has no {', '.join(unknown)}: left unset, "
+                      "so the CPU's convolutions may run slower (see ddpm_eqx/parallel.py)", stacklevel=2)
+    ours = [f for f in ours if f not in unknown]
     os.environ["XLA_FLAGS"] = " ".join(flags + ours + [f"--xla_force_host_platform_device_count={count}"])
+
+
+# The jaxlib CPU_XLA_FLAGS were measured with. XLA aborts the process on a flag it does not know, and the
+# experimental ones get renamed: another jaxlib is searched for them first.
+MEASURED_JAXLIB = "0.10."
+
+
+def xla_knows(flag: str, *, jaxlib_version: str | None = None) -> bool:
+    """Whether the installed jaxlib has the XLA flag ``--name[=value]``: yes for :data:`MEASURED_JAXLIB`, else
+    whether its name is in jaxlib's shared libraries (~0.3 s where it is not; a false "yes" is possible only
+    for a name XLA still spells somewhere after dropping the flag)."""
+    name = flag.lstrip("-").partition("=")[0].encode()
+    try:
+        dist = importlib.metadata.distribution("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if (jaxlib_version or dist.version).startswith(MEASURED_JAXLIB):
+        return True
+    for file in dist.files or ():
+        path = Path(str(dist.locate_file(file)))
+        if ".so" not in file.name or not path.is_file() or path.stat().st_size == 0:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(name) >= 0:
+                return True
+    return False
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -110,4 +145,4 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 __all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "shard_batch", "batch_sharded", "gather",
-           "set_host_device_count", "CPU_XLA_FLAGS"]
+           "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows"]

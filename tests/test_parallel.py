@@ -49,3 +49,27 @@ def test_host_device_flags_keep_the_users_own(monkeypatch):
     set_host_device_count(None)
     flags = os.environ["XLA_FLAGS"].split()
     assert f"{name}=" in flags and CPU_XLA_FLAGS[0] not in flags
+
+
+def test_flags_another_jaxlib_lacks_are_left_out_not_fatal(monkeypatch):
+    """XLA aborts the process on a flag it does not know (`Unknown flag in XLA_FLAGS`), and our CPU flag is an
+    experimental one: with a jaxlib other than the one it was measured on, it is looked up in jaxlib's libraries
+    (the real ones here), and left out with a warning where it is not there."""
+    from ddpm_eqx import parallel
+
+    flag = parallel.CPU_XLA_FLAGS[0]
+    assert parallel.xla_knows(flag, jaxlib_version="0.99.0")  # found by the search, not the version
+    assert not parallel.xla_knows("--xla_cpu_no_such_flag_abc=1", jaxlib_version="0.99.0")
+    assert parallel.xla_knows("--xla_cpu_no_such_flag_abc=1")  # the measured jaxlib is trusted (why: above)
+    monkeypatch.setattr(parallel, "CPU_XLA_FLAGS", (flag, "--xla_cpu_no_such_flag_abc=1"))
+    monkeypatch.setattr(parallel, "MEASURED_JAXLIB", "0.99.")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.warns(UserWarning, match="has no --xla_cpu_no_such_flag_abc=1: left unset"):
+        parallel.set_host_device_count(2)
+    flags = os.environ["XLA_FLAGS"]
+    assert flag in flags and "no_such_flag" not in flags
+    # What the check prevents: the same flag in XLA_FLAGS kills a process that starts a backend.
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_no_such_flag_abc=1", "JAX_PLATFORMS": "cpu"}
+    killed = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode != 0 and "Unknown flag in XLA_FLAGS" in killed.stderr

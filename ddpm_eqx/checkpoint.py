@@ -136,9 +136,7 @@ def _array_registry() -> Any:  # a TypeHandlerRegistry (a Protocol beartype cann
     reads them back as sharded ``jax.Array`` objects either way. The NumPy handler's own deep copy is off:
     :func:`_as_saved` copies where a copy is needed, and only there.
     """
-    from orbax.checkpoint._src.metadata.array_metadata_store import Store  # what Orbax's default handler uses
-
-    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=Store())  # replica-parallel: Orbax's default
+    handler = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's default (replica-parallel, array metadata)
     host = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)  # _as_saved's arrays are the save's own
     return ocp.type_handlers.create_type_handler_registry((jax.Array, handler), (np.ndarray, host))
 

@@ -159,14 +159,40 @@ def test_the_vectorised_permutation_is_grains_index_for_index(max_index: int) ->
     two (65,536 gets a 16-bit block, so the values stay below it), and seeds at both ends of 32 bits."""
     from grain.experimental import index_shuffle
 
-    from ddpm_eqx.data import _index_shuffle
+    from ddpm_eqx.data import _index_shuffle, _vectorised_index_shuffle, _vectorised_is_grains
 
+    assert _vectorised_is_grains()  # so _index_shuffle takes the vectorised path (above 2**14)
     ids = (np.arange(max_index + 1) if max_index < 70_000
            else np.random.default_rng(max_index % 2**32).integers(0, max_index, 2000, endpoint=True))
     for seed in (0, 1, 12_345, 2**32 - 1):
         expected = [index_shuffle(int(i), max_index=max_index, seed=seed, rounds=4) for i in ids]
         np.testing.assert_array_equal(_index_shuffle(ids, max_index=max_index, seed=seed), expected,
                                       err_msg=f"{seed=}")
+        if max_index >= 2**14:  # the copy itself, not whatever _index_shuffle would fall back to
+            np.testing.assert_array_equal(_vectorised_index_shuffle(ids, max_index, seed, 4), expected,
+                                          err_msg=f"{seed=}")
+
+
+def test_a_grain_whose_index_shuffle_changed_shuffles_with_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorised copy is checked against the installed grain once per process: where grain's algorithm
+    is no longer the one copied, every index comes from grain's function (with a warning), so an epoch never
+    mixes two permutations."""
+    from grain.experimental import index_shuffle
+
+    from ddpm_eqx import data
+
+    def changed(i: int, *, max_index: int, seed: int, rounds: int) -> int:  # another permutation
+        return index_shuffle(i, max_index=max_index, seed=seed + 1, rounds=rounds)
+
+    monkeypatch.setattr(data, "index_shuffle", changed)
+    data._vectorised_is_grains.cache_clear()
+    try:
+        ids = np.arange(0, 100_000, 7)
+        with pytest.warns(UserWarning, match="not the one ddpm_eqx.data vectorises"):
+            shuffled = data._index_shuffle(ids, max_index=99_999, seed=3)
+        np.testing.assert_array_equal(shuffled, [changed(int(i), max_index=99_999, seed=3, rounds=4) for i in ids])
+    finally:
+        data._vectorised_is_grains.cache_clear()
 
 
 def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: tuple[str, str],

@@ -1,7 +1,7 @@
 """Train-step and sampler performance for a config and batch, measured in one process.
 
     python benchmarks/bench_train.py [--config configs/fashion_mnist.py] [--batch 32] [--host-devices N]
-        [--steps 20] [--sample-batch 64] [--sample-steps 10] [--set key=value ...] [--json]
+        [--steps 20] [--sample-batch 64] [--sample-steps 10] [--loader-batches 50] [--set key=value ...] [--json]
 
 Prints: parameters, compile time of the train step (and its tracing part), steps/s (median over
 --steps), images/s, the model's FLOPs per step by XLA's own cost analysis, achieved GFLOP/s, the
@@ -9,7 +9,9 @@ float32 matmul peak measured in the same run (a 2048x2048 jnp.dot), their ratio;
 PUBLISHED_BF16_TFLOPS (or with --peak-tflops) the MFU against the chip's published bf16 peak; the compile time of
 the default sampler over all timesteps (DDPM-1000, one lax.scan; compiled, not run), the timed DDIM
 sampler's compile + first call and per-step time (DDPM-1000 and DDIM-50 images/s follow from it: every
-sampler step is one network call on the batch); peak RSS, and the kernel time and page faults per train
+sampler step is one network call on the batch); the config's own loader at that batch (time to the first
+batch, images/s over --loader-batches more, whether it gathers from the decoded split; the dataset must be
+prepared or preparable offline); peak RSS, and the kernel time and page faults per train
 step (XLA:CPU allocates each execution's temporaries afresh: benchmarks/RESULTS.md, session 7). The
 defaults are the seed's fashion_mnist architecture at batch 32. Like `ddpm-eqx`, it re-executes itself
 under the caching allocator (ddpm_eqx/allocator.py; `malloc` in the output); DDPM_EQX_MALLOC=system
@@ -26,11 +28,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm_eqx import allocator  # noqa: E402
 from ddpm_eqx.parallel import set_host_device_count  # noqa: E402
+
+if TYPE_CHECKING:
+    from ddpm_eqx.config import Config
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -96,6 +102,31 @@ def checkpoint_figures(state: object, saves: int, *, jax_arrays: bool = False) -
             "checkpoint_arrays": len(jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array)))}
 
 
+def loader_figures(cfg: Config, batches: int) -> dict[str, float | int | str | bool]:
+    """The run's loader for ``cfg`` (its dataset and batch, and the cache decision a run of
+    ``training.num_train_steps`` gets): the time to its first batch (opening the split; with the cache,
+    decoding it into memory) and images/s over ``batches`` more. A dataset that is not prepared and cannot be
+    (offline, no archives in its manual dir) gives ``loader_error`` instead."""
+    from ddpm_eqx.data import make_train_iterator, reads_from_memory
+    from ddpm_eqx.data_import import DataError
+
+    data = cfg.data
+    t = time.perf_counter()
+    try:
+        it = make_train_iterator(data, seed=cfg.seed, examples=cfg.training.num_train_steps * data.batch_size)
+        next(it)
+    except DataError as e:
+        return {"loader_error": str(e).splitlines()[0][:200]}
+    startup = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * data.batch_size / (time.perf_counter() - t)
+    from_memory = reads_from_memory(it)
+    it.close()
+    return {"loader_startup_s": startup, "loader_images_per_s": rate, "loader_from_memory": from_memory}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist.py")
@@ -109,6 +140,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the chip's peak for `mfu` where PUBLISHED_BF16_TFLOPS does not list it")
     parser.add_argument("--checkpoint-saves", type=int, default=4, help="checkpoints of the state timed (0: none)")
+    parser.add_argument("--loader-batches", type=int, default=50,
+                        help="batches of the config's own loader timed after its first (0: none)")
     parser.add_argument("--orbax-default-handler", action="store_true",
                         help="save the jax.Arrays with Orbax's stock handler (replica-parallel), not as NumPy")
     args = parser.parse_args()
@@ -128,7 +161,7 @@ def main() -> None:
 
     cfg = apply_overrides(load_config_file(args.config), [f"data.batch_size={args.batch}", *args.overrides])
     mesh = make_mesh()
-    out: dict[str, float | int | str] = {"config": args.config, "overrides": " ".join(args.overrides),
+    out: dict[str, float | int | str | bool] = {"config": args.config, "overrides": " ".join(args.overrides),
                                          "batch": args.batch, "devices": mesh.devices.size,
                                          "backend": jax.default_backend(), "malloc": allocator.active() or "system"}
     t = time.perf_counter()
@@ -201,6 +234,8 @@ def main() -> None:
     out["ddim50_images_per_s"] = args.sample_batch / (50 * per_step)
     if args.checkpoint_saves > 0:
         out.update(checkpoint_figures(state, args.checkpoint_saves, jax_arrays=args.orbax_default_handler))
+    if args.loader_batches > 0:
+        out.update(loader_figures(cfg, args.loader_batches))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         print(json.dumps(out, indent=2))

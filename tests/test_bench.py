@@ -14,11 +14,14 @@ from ddpm_eqx.allocator import preload_env
 
 
 @pytest.mark.slow
-def test_bench_train_json_figures_agree_with_each_other():
-    sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
+def test_bench_train_json_figures_agree_with_each_other(fashion_mnist_data_dir):
+    # One training step: the loader then reads the real split from disk (a run of fewer examples than the split).
+    sets = [*(s for s in TINY if not s.startswith(("training.", "sampling."))), f"data.data_dir={fashion_mnist_data_dir}",
+            "training.num_train_steps=1"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "configs/fashion_mnist_cpu.py",
            "--batch", "8", "--host-devices", "2", "--steps", "3", "--sample-batch", "4", "--sample-steps", "2",
-           "--peak-tflops", "0.05", "--checkpoint-saves", "2", "--json", *[a for s in sets for a in ("--set", s)]]
+           "--peak-tflops", "0.05", "--checkpoint-saves", "2", "--loader-batches", "5", "--json",
+           *[a for s in sets for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items() if k != "DDPM_EQX_MALLOC"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
     d = json.loads(out)
@@ -39,6 +42,8 @@ def test_bench_train_json_figures_agree_with_each_other():
     assert d["ddpm1000_compile_s"] > 0 and d["sampler_compile_and_first_s"] > 0
     assert d["page_faults_per_step"] >= 0 and d["sys_s_per_step"] >= 0 and d["user_s_per_step"] > 0
     assert d["peak_rss_mib"] > 100
+    assert "loader_error" not in d and d["loader_from_memory"] is False  # 8 examples of 60,000: from disk
+    assert d["loader_startup_s"] > 0 and d["loader_images_per_s"] > 0
     # Every array of the train state is checkpointed; a save returns before its checkpoint is committed.
     import jax
 
@@ -51,10 +56,23 @@ def test_bench_train_json_figures_agree_with_each_other():
     assert 0 < d["checkpoint_save_s"] < d["checkpoint_committed_s"] and d["checkpoint_first_save_s"] > 0
 
 
-def test_published_peaks_match_the_device_kinds_jax_reports():
+def _bench_module():  # noqa: ANN202
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_loader_figures_name_a_dataset_it_cannot_open(tmp_path):
+    from ddpm_eqx.config import Config, DataConfig
+
+    cfg = Config(data=DataConfig(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
+    figures = _bench_module().loader_figures(cfg, 1)
+    assert list(figures) == ["loader_error"] and "no_such_dataset_xyz" in figures["loader_error"]
+
+
+def test_published_peaks_match_the_device_kinds_jax_reports():
+    bench = _bench_module()
     kinds = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "NVIDIA H100 80GB HBM3": 989.0,
              "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0, "cpu": None}
     assert {kind: bench.published_peak_tflops(kind) for kind in kinds} == kinds

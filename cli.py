@@ -67,7 +67,8 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
         # JAX's default (1 s) leaves out the start-up's small compiles (0.1-0.7 s each: random draws, splits).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes: gloo, jax's default in the versions pyproject allows (0.10.2's
+        # DEFAULT_CPU_COLLECTIVES_IMPL). Not set by name: a jax that dropped the option would fail every start.
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
 

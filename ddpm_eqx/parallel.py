@@ -46,8 +46,8 @@ def set_host_device_count(count: int | None) -> None:
     ours = [f for f in CPU_XLA_FLAGS if not any(g.split("=")[0] == f.split("=")[0] for g in flags)]
     unknown = [f for f in ours if not xla_knows(f)]
     if unknown:
-        warnings.warn(f"this jaxlib ({importlib.metadata.version('jaxlib')}) has no {', '.join(unknown)}: left unset, "
-                      "so the CPU's convolutions may run slower (see ddpm_eqx/parallel.py)", stacklevel=2)
+        warnings.warn(f"this jaxlib ({_jaxlib_version() or 'not installed as a package'}) has no {', '.join(unknown)}: "
+                      "left unset, so the CPU's convolutions may run slower (see ddpm_eqx/parallel.py)", stacklevel=2)
     ours = [f for f in ours if f not in unknown]
     os.environ["XLA_FLAGS"] = " ".join(flags + ours + [f"--xla_force_host_platform_device_count={count}"])
 
@@ -62,12 +62,12 @@ def xla_knows(flag: str, *, jaxlib_version: str | None = None) -> bool:
     whether its name is in jaxlib's shared libraries (~0.3 s where it is not; a false "yes" is possible only
     for a name XLA still spells somewhere after dropping the flag)."""
     name = flag.lstrip("-").partition("=")[0].encode()
+    if (jaxlib_version or _jaxlib_version() or "").startswith(MEASURED_JAXLIB):
+        return True
     try:
         dist = importlib.metadata.distribution("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
+    except importlib.metadata.PackageNotFoundError:  # built from source: nothing to search, so not set
         return False
-    if (jaxlib_version or dist.version).startswith(MEASURED_JAXLIB):
-        return True
     for file in dist.files or ():
         path = Path(str(dist.locate_file(file)))
         if ".so" not in file.name or not path.is_file() or path.stat().st_size == 0:
@@ -76,6 +76,13 @@ def xla_knows(flag: str, *, jaxlib_version: str | None = None) -> bool:
             if m.find(name) >= 0:
                 return True
     return False
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -68,6 +68,16 @@ def test_flags_another_jaxlib_lacks_are_left_out_not_fatal(monkeypatch):
         parallel.set_host_device_count(2)
     flags = os.environ["XLA_FLAGS"]
     assert flag in flags and "no_such_flag" not in flags
+    # A jaxlib built from source (no package metadata to search): the flags are left out, and said so.
+    def not_installed(name: str) -> None:
+        raise parallel.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(parallel.importlib.metadata, "version", not_installed)
+    monkeypatch.setattr(parallel.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.warns(UserWarning, match="not installed as a package"):
+        parallel.set_host_device_count(2)
+    assert "ynn_fusion_type" not in os.environ["XLA_FLAGS"]
     # What the check prevents: the same flag in XLA_FLAGS kills a process that starts a backend.
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_no_such_flag_abc=1", "JAX_PLATFORMS": "cpu"}
     killed = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,

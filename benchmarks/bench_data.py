@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ddpm_eqx.config import DataConfig
-from ddpm_eqx.data import make_train_iterator, prepare_dataset
+from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
 
@@ -29,17 +29,21 @@ def prepare(data_dir: Path) -> None:
     prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(data_dir)))
 
 
-def measure(cfg: DataConfig, batches: int) -> dict[str, float]:
+def measure(cfg: DataConfig, batches: int, *, seed: int = 0, examples: int | None = None) -> dict[str, float | bool]:
+    """The loader for ``cfg`` (``examples``: what the run draws in all, which decides the cache when
+    ``cfg.cache`` is None): seconds to its first batch, images/s over ``batches`` more, and whether it
+    gathers its batches from the decoded split. Also ``bench_train.py``'s loader figures."""
     start = time.perf_counter()
-    it = make_train_iterator(cfg, seed=0)
+    it = make_train_iterator(cfg, seed=seed, examples=examples)
     next(it)
     startup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
     rate = batches * cfg.batch_size / (time.perf_counter() - start)
+    from_memory = reads_from_memory(it)
     it.close()
-    return {"startup_s": round(startup, 2), "images_per_s": round(rate)}
+    return {"startup_s": startup, "images_per_s": rate, "from_memory": from_memory}
 
 
 def main() -> None:
@@ -60,7 +64,9 @@ def main() -> None:
                 dataset="fashion_mnist", data_dir=str(data_dir), batch_size=args.batch_size, cache=cache,
                 num_workers=workers,
             )
-            results.append({"cache": cache, "num_workers": workers, **measure(cfg, args.batches)})
+            m = measure(cfg, args.batches)
+            results.append({"cache": cache, "num_workers": workers, "startup_s": round(m["startup_s"], 2),
+                            "images_per_s": round(m["images_per_s"])})
             if not args.json:
                 r = results[-1]
                 print(f"cache={cache!s:5}  workers={workers}  startup {r['startup_s']:6.2f} s  "

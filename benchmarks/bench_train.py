@@ -107,24 +107,17 @@ def loader_figures(cfg: Config, batches: int) -> dict[str, float | int | str | b
     ``training.num_train_steps`` gets): the time to its first batch (opening the split; with the cache,
     decoding it into memory) and images/s over ``batches`` more. A dataset that is not prepared and cannot be
     (offline, no archives in its manual dir) gives ``loader_error`` instead."""
-    from ddpm_eqx.data import make_train_iterator, reads_from_memory
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data.py, beside this file
+    from bench_data import measure
+
     from ddpm_eqx.data_import import DataError
 
-    data = cfg.data
-    t = time.perf_counter()
     try:
-        it = make_train_iterator(data, seed=cfg.seed, examples=cfg.training.num_train_steps * data.batch_size)
-        next(it)
+        loader = measure(cfg.data, batches, seed=cfg.seed, examples=cfg.training.num_train_steps * cfg.data.batch_size)
     except DataError as e:
         return {"loader_error": str(e).splitlines()[0][:200]}
-    startup = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    rate = batches * data.batch_size / (time.perf_counter() - t)
-    from_memory = reads_from_memory(it)
-    it.close()
-    return {"loader_startup_s": startup, "loader_images_per_s": rate, "loader_from_memory": from_memory}
+    return {"loader_startup_s": loader["startup_s"], "loader_images_per_s": loader["images_per_s"],
+            "loader_from_memory": loader["from_memory"]}
 
 
 def main() -> None:

@@ -62,12 +62,12 @@ def xla_knows(flag: str, *, jaxlib_version: str | None = None) -> bool:
     whether its name is in jaxlib's shared libraries (~0.3 s where it is not; a false "yes" is possible only
     for a name XLA still spells somewhere after dropping the flag)."""
     name = flag.lstrip("-").partition("=")[0].encode()
-    if (jaxlib_version or _jaxlib_version() or "").startswith(MEASURED_JAXLIB):
-        return True
     try:
         dist = importlib.metadata.distribution("jaxlib")
     except importlib.metadata.PackageNotFoundError:  # built from source: nothing to search, so not set
-        return False
+        return bool(jaxlib_version and jaxlib_version.startswith(MEASURED_JAXLIB))
+    if (jaxlib_version or dist.version).startswith(MEASURED_JAXLIB):
+        return True
     for file in dist.files or ():
         path = Path(str(dist.locate_file(file)))
         if ".so" not in file.name or not path.is_file() or path.stat().st_size == 0:

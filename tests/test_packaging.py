@@ -29,8 +29,12 @@ def _pins() -> dict[str, Version]:
     return pins
 
 
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def test_constraints_pin_every_declared_dependency_within_its_bounds():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _project()
     extras = project["optional-dependencies"]
     declared = [Requirement(r) for r in project["dependencies"] + extras["prepare"] + extras["test"]]
     pins = _pins()
@@ -43,11 +47,6 @@ def test_constraints_pin_every_declared_dependency_within_its_bounds():
         assert name in pins, f"{req.name} is not in constraints.txt: run ./run.sh lock"
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {req.name}=={pins[name]} outside pyproject's {req.specifier}: run ./run.sh lock")
-
-
-def _declared() -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
 
 
 # Imported only inside a function that says what to install when it is missing.
@@ -67,7 +66,7 @@ def test_every_third_party_import_of_the_package_is_a_declared_dependency():
     modules -= set(sys.stdlib_module_names) | {"__future__", "ddpm_eqx", "configs", "cli", *OPTIONAL_IMPORTS}
     assert {"jax", "grain", "PIL"} <= modules  # the scan found the imports
     owners = importlib.metadata.packages_distributions()
-    declared = _declared()
+    declared = {canonicalize_name(Requirement(r).name) for r in _project()["dependencies"]}
     for module in sorted(modules):
         dists = {canonicalize_name(d) for d in owners.get(module, [])}
         assert dists, f"{module} is imported by the package but not installed"

@@ -14,8 +14,10 @@ never written to. A small ``GeneratorBasedBuilder`` writes the files; with a ``T
 PIL images it needs no TensorFlow.
 """
 
+import contextlib
 import hashlib
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,16 +61,34 @@ def import_path(path: Path, data_dir: Path) -> Path:
         return builder_dir
 
     print(f"Importing {path} into {root} (once) ...", flush=True)
-    if images:
-        builder: _ImportedDataset = _folder_builder(path, images, root)
-    else:
-        builder = _npz_builder(path, arrays, root)
+    with no_stray_temp_dirs():
+        if images:
+            builder: _ImportedDataset = _folder_builder(path, images, root)
+        else:
+            builder = _npz_builder(path, arrays, root)
     builder.download_and_prepare(file_format="array_record")
     if builder.skipped:
         warnings.warn(
             f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. {builder.skipped[0]}", stacklevel=3
         )
     return builder_dir
+
+
+@contextlib.contextmanager
+def no_stray_temp_dirs() -> Iterator[None]:
+    """Removes the empty ``tmpXXXXtfds`` folder TFDS leaves per builder of an unprepared dataset.
+
+    ``DatasetInfo.initialize_from_bucket`` makes it for GCS metadata, then returns at once when GCS is off
+    (TFDS's default) without removing it. Only new, empty folders of that pattern are removed.
+    """
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("tmp*tfds"))
+    try:
+        yield
+    finally:
+        for path in set(temp.glob("tmp*tfds")) - before:
+            with contextlib.suppress(OSError):  # not empty (GCS enabled and used), or already gone
+                path.rmdir()
 
 
 class _ImportedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ddpm_eqx.config import DataConfig
-from ddpm_eqx.data_import import DataError, import_path
+from ddpm_eqx.data_import import DataError, import_path, no_stray_temp_dirs
 
 _TFDS_NAME = re.compile(r"[a-z0-9_]+(/[\w.-]+)?(:[\d.*]+)?")
 _CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
@@ -54,7 +54,8 @@ def _first_line(err: BaseException) -> str:
 
 def _tfds_builder(name: str, data_dir: Path) -> tfds.core.DatasetBuilder:
     try:
-        return tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+        with no_stray_temp_dirs():
+            return tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

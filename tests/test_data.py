@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -354,7 +355,8 @@ def test_npz_rgb_cifar(tmp_path: Path, shared_file: Callable[..., Path]) -> None
     np.testing.assert_array_equal(grey, np.stack([fit_image(y, image_size=16, channels=1) for y in luma]))
 
 
-def test_npz_folder_splits_and_no_labels(tmp_path: Path) -> None:
+def test_npz_folder_splits_and_no_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where TFDS's builder left an empty tmpXXXXtfds
     folder = tmp_path / "arrays"
     folder.mkdir()
     np.savez(folder / "digits_train.npz", image=np.zeros((20, 6, 6), np.uint8))
@@ -368,6 +370,7 @@ def test_npz_folder_splits_and_no_labels(tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", pixels=np.zeros((3, 2, 2), np.uint8))
     with pytest.raises(DataError, match="no 'image' array"):
         prepare_dataset(dataclasses.replace(cfg, dataset=str(tmp_path / "bad.npz")))
+    assert not list(tmp_path.glob("tmp*tfds"))
 
 
 # --- errors, fast and offline --------------------------------------------------------------------
@@ -384,7 +387,11 @@ def test_unknown_dataset_fails_fast(tmp_path: Path) -> None:
     assert time.monotonic() - start < 10
 
 
-def test_missing_archives_named(tmp_path: Path) -> None:
+def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temp = tmp_path / "temp"  # TFDS's builder of an unprepared dataset makes an empty tmpXXXXtfds here
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    (temp / "tmpsomeoneelsestfds").mkdir()  # not ours: stays
     start = time.monotonic()
     with pytest.raises(DataError) as err:
         prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path)), download=False)
@@ -392,3 +399,4 @@ def test_missing_archives_named(tmp_path: Path) -> None:
     assert "\n" not in message and str(tmp_path / "downloads" / "manual") in message
     assert all(name in message for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
     assert time.monotonic() - start < 10
+    assert [p.name for p in temp.iterdir()] == ["tmpsomeoneelsestfds"]

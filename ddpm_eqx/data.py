@@ -12,8 +12,10 @@ Everything stays host-side numpy: reading needs only ``array_record`` and Pillow
 """
 
 import atexit
+import contextlib
 import dataclasses
 import functools
+import gc
 import io
 import logging
 import math
@@ -23,6 +25,7 @@ import weakref
 from typing import Any
 
 import grain
+import grain.python
 import jax
 import numpy as np
 import psutil
@@ -266,7 +269,8 @@ def _mark_absl_flags_parsed() -> None:
 
 
 # An iterator whose prefetch thread still runs at interpreter exit can abort it (a C++ thread destroyed while
-# joinable): close them first; grain's __del__ would then close again after its modules are gone, so disarm it.
+# joinable), and one whose workers still run leaves the shared memory of the batches they buffered: close them
+# first; grain's __del__ would then close again after its modules are gone, so disarm it.
 _prefetching: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
 _from_memory: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()  # see reads_from_memory
 
@@ -276,6 +280,25 @@ def _close_prefetching() -> None:
     for it in list(_prefetching):
         it.close()
         it.close = lambda: None  # type: ignore[method-assign]
+    _release_shared_memory()
+
+
+def _release_shared_memory() -> None:
+    """Unlinks, before returning, the shared memory that Grain's workers sent batches in and nothing uses.
+
+    Grain unlinks a batch's shared memory when its array is garbage collected, on a background thread (one, so in
+    order), and its iterators keep their last batches in a reference cycle (a traceback's frames) that only the
+    cycle collector frees. A process that exits right after its last batch beats both, and Python's resource
+    tracker then unlinks the rest with a "leaked shared_memory objects" warning (seen after every one-off decode
+    on workers). The pool is a private attribute of Grain, so looked up gently: without it, the tracker still
+    cleans up, with its warning.
+    """
+    pool = getattr(grain.python.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is None:  # no worker has sent a batch in this process
+        return
+    gc.collect()
+    with contextlib.suppress(Exception):  # a pool already closed at exit: nothing left to wait for
+        pool.apply(int)  # queued behind every unlink queued before it
 
 
 def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.DatasetIterator:
@@ -286,10 +309,12 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Dat
         opts = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1))
         it = it.mp_prefetch(opts)
     elif prefetch > 0:  # overlap the next batch with the (GIL-releasing) training step
-        thread_it = iter(grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch))
-        _prefetching.add(thread_it)
-        return thread_it
-    return iter(it)
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+    else:
+        return iter(it)
+    prefetching = iter(it)
+    _prefetching.add(prefetching)  # closed at exit, if still open, before its buffered batches are lost
+    return prefetching
 
 
 def _decode(read: _ReadRecords, ids: np.ndarray, num_workers: int, what: str) -> _Batch:
@@ -302,7 +327,10 @@ def _decode(read: _ReadRecords, ids: np.ndarray, num_workers: int, what: str) ->
         for i, (x, y) in enumerate(it):
             images[i * chunk : i * chunk + len(y)], labels[i * chunk : i * chunk + len(y)] = x, y
             bar.update(len(y))
+            del x, y  # no reference left to a worker's chunk once it is copied (see _release_shared_memory)
     it.close()  # stop the workers now, not whenever the garbage collector gets to them
+    del it
+    _release_shared_memory()
     return images, labels
 
 

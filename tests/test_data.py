@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -247,6 +249,32 @@ def test_resume_with_worker_process(small_npz: tuple[str, str]) -> None:
     for a, b, c in zip(expected, got, reference):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["image"], c["image"])
+
+
+_WORKERS_THEN_EXIT = """
+import sys
+from ddpm_eqx.config import DataConfig
+from ddpm_eqx.data import load_split_array, make_train_iterator
+
+if __name__ == "__main__":
+    cfg = DataConfig(dataset=sys.argv[1], data_dir=sys.argv[2], batch_size=16, image_size=4, cache=False,
+                     num_workers=2)
+    it = make_train_iterator(cfg, seed=0)  # a run's iterator: its workers have buffered batches by exit
+    taken = sum(len(next(it)["image"]) for _ in range(3))
+    images, _ = load_split_array(cfg, "train")  # then a one-off decode on workers, just before the exit
+    print(len(images), taken)
+"""
+
+
+def test_worker_batches_leave_no_shared_memory_at_exit(small_npz: tuple[str, str], tmp_path: Path) -> None:
+    """Grain's workers send batches in shared memory: a process that ends right after them unlinks it itself
+    (otherwise Python's resource tracker does, warning of "leaked shared_memory objects")."""
+    script = tmp_path / "workers.py"  # a file: the workers start with spawn, which re-imports __main__
+    script.write_text(_WORKERS_THEN_EXIT)
+    done = subprocess.run([sys.executable, str(script), *small_npz], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(N_SMALL), "48"]
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]
 
 
 def test_process_shards(small_npz: tuple[str, str]) -> None:

@@ -43,6 +43,13 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         fail(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}", 2)
 
 
+def _check_steps(sampler: str, steps: int | None) -> None:
+    """--steps counts DDIM's steps; DDPM runs every timestep, so the pair is an error, not a silent no-op."""
+    if sampler == "ddpm" and steps is not None:
+        fail(f"--steps {steps} sets the DDIM sampler's steps; DDPM runs all the model's timesteps: drop --steps or "
+             "use --sampler ddim", 2)
+
+
 def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
     """XLA's allocation failure (jax.errors.JaxRuntimeError) as one line; other errors pass through."""
     text = str(e)
@@ -207,7 +214,7 @@ def sample(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddpm",
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = None,
-    eta: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
     seed: int = 0,
     label: Annotated[Optional[int], typer.Option(help="Class for a class-conditional model")] = None,
     guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale")] = 1.0,
@@ -216,6 +223,7 @@ def sample(
 ) -> None:
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
     _check_choice("--sampler", sampler, SAMPLERS)
+    _check_steps(sampler, steps)
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx import trace_cache
@@ -243,7 +251,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = 100,
-    eta: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
     seed: int = 0,
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
     fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,

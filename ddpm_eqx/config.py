@@ -202,7 +202,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.steps > 0, f"sampling.steps must be positive, got {self.steps}")
-        _require(self.eta >= 0, f"sampling.eta must be >= 0, got {self.eta}")
+        _require(0 <= self.eta <= 1, f"sampling.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {self.eta}")
         _require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
 
 

@@ -58,6 +58,8 @@ class GaussianDiffusion(eqx.Module):
     betas: Float[Array, " T"]
     alphas_cumprod: Float[Array, " T"]
     alphas_cumprod_prev: Float[Array, " T"]
+    sqrt_alphas_cumprod: Float[Array, " T"]
+    sqrt_one_minus_alphas_cumprod: Float[Array, " T"]
     posterior_variance: Float[Array, " T"]
     posterior_log_variance_clipped: Float[Array, " T"]
     posterior_mean_coef1: Float[Array, " T"]
@@ -92,6 +94,9 @@ class GaussianDiffusion(eqx.Module):
         self.betas = _f32(betas)
         self.alphas_cumprod = _f32(alphas_cumprod)
         self.alphas_cumprod_prev = _f32(alphas_cumprod_prev)
+        # Taken here, not from the float32 alpha_bar: 1 - alpha_bar near t = 0 would keep few float32 digits.
+        self.sqrt_alphas_cumprod = _f32(np.sqrt(alphas_cumprod))
+        self.sqrt_one_minus_alphas_cumprod = _f32(np.sqrt(1.0 - alphas_cumprod))
         self.posterior_variance = _f32(posterior_variance)
         # The variance is 0 at t = 0: clip before the log, as Ho et al.'s code does.
         self.posterior_log_variance_clipped = _f32(np.log(np.maximum(posterior_variance, 1e-20)))
@@ -105,25 +110,20 @@ class GaussianDiffusion(eqx.Module):
 
     def q_sample(self, x0: Image, t: Int[Array, ""], noise: Image) -> Image:
         """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. eq. 4)."""
-        ab = self.alphas_cumprod[t]
-        return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
+        return self.sqrt_alphas_cumprod[t] * x0 + self.sqrt_one_minus_alphas_cumprod[t] * noise
 
     def predict_start_from_noise(self, x_t: Image, t: Int[Array, ""], noise: Image) -> Image:
-        ab = self.alphas_cumprod[t]
-        return (x_t - jnp.sqrt(1.0 - ab) * noise) / jnp.sqrt(ab)
+        return (x_t - self.sqrt_one_minus_alphas_cumprod[t] * noise) / self.sqrt_alphas_cumprod[t]
 
     def predict_noise_from_start(self, x_t: Image, t: Int[Array, ""], x0: Image) -> Image:
-        ab = self.alphas_cumprod[t]
-        return (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
+        return (x_t - self.sqrt_alphas_cumprod[t] * x0) / self.sqrt_one_minus_alphas_cumprod[t]
 
     def predict_v(self, x0: Image, t: Int[Array, ""], noise: Image) -> Image:
         """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, sec. 4)."""
-        ab = self.alphas_cumprod[t]
-        return jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
+        return self.sqrt_alphas_cumprod[t] * noise - self.sqrt_one_minus_alphas_cumprod[t] * x0
 
     def predict_start_from_v(self, x_t: Image, t: Int[Array, ""], v: Image) -> Image:
-        ab = self.alphas_cumprod[t]
-        return jnp.sqrt(ab) * x_t - jnp.sqrt(1.0 - ab) * v
+        return self.sqrt_alphas_cumprod[t] * x_t - self.sqrt_one_minus_alphas_cumprod[t] * v
 
     def q_posterior(self, x0: Image, x_t: Image, t: Int[Array, ""]) -> tuple[Image, Scalar, Scalar]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)."""

@@ -97,6 +97,8 @@ def sample_image(
     eta: float = 0.0,
 ) -> tuple[Image, Float[Array, "n c h w"]]:
     """Draw one image from x_T ~ N(0, I); returns it (clipped to [-1, 1]) and the path x_T..x_0."""
+    if isinstance(eta, (int, float)) and not 0 <= eta <= 1:  # above 1, sqrt(1 - ab_prev - sigma^2) is NaN
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
     init_key, loop_key = jax.random.split(key)
     x_T = jax.random.normal(init_key, shape)
     if sampler == "ddpm":

@@ -132,7 +132,8 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     "overrides,message",
     [(["optim.lr=-1"], "optim.lr must be positive"), (["ddpm.beta_schedule=quadratic"], "is not one of linear"),
      (["ddpm.timesteps=0"], "ddpm.timesteps must be positive"), (["optim.lr=fast"], "is not a valid float"),
-     (["model.dims=3"], "unknown config key 'model.dims'; valid keys: data.dataset")],
+     (["model.dims=3"], "unknown config key 'model.dims'; valid keys: data.dataset"),
+     (["sampling.eta=1.5"], "sampling.eta must be in [0, 1]")],
 )
 def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
     """Reported before JAX loads (seconds of imports for a typo): here any import of jax fails loudly."""
@@ -149,6 +150,8 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["sample", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
+    (["sample", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
+                                  "drop --steps or use --sampler ddim"),
 ])
 def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, args, message):
     result = subprocess.run(_cmd(*args, "--ckpt", str(tmp_path)), env=_env_without_jax(tmp_path), capture_output=True,

@@ -114,6 +114,20 @@ def test_q_sample_moments():
     assert abs(xt.var() / (1 - ab) - 1) < 0.02
 
 
+@pytest.mark.parametrize("name,T", [("linear", 1000), ("cosine", 1000), ("cosine", 4000), ("sigmoid", 1000)])
+def test_forward_process_scales_are_float64_accurate(name, T):
+    """x_t's scales sqrt(alpha_bar) and sqrt(1 - alpha_bar) to float32's precision at every t: taken from the
+    float32 alpha_bar, 1 - alpha_bar near t = 0 kept a few digits (1.4e-3 relative error, cosine, T = 4000)."""
+    process = GaussianDiffusion(timesteps=T, beta_schedule_name=name)
+    ab = np.cumprod(1.0 - beta_schedule(name, T))
+    t = jnp.arange(T)
+    ones = jnp.ones((T, 1, 1, 1))
+    signal = jax.vmap(process.q_sample)(ones, t, 0 * ones)[:, 0, 0, 0]
+    noise = jax.vmap(process.q_sample)(0 * ones, t, ones)[:, 0, 0, 0]
+    np.testing.assert_allclose(signal, np.sqrt(ab), rtol=1e-6)
+    np.testing.assert_allclose(noise, np.sqrt(1.0 - ab), rtol=1e-6)
+
+
 def test_p2_weight_reads_k_and_gamma_separately():
     ab = np.cumprod(1 - linear_beta_schedule(1000))
     snr = ab / (1 - ab)

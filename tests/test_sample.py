@@ -114,9 +114,13 @@ def test_return_path_starts_at_noise_and_ends_at_the_sample():
     assert float(path[:, 0].std()) > 0.5  # x_T ~ N(0, I)
 
 
-def test_ddim_timesteps_validation():
+def test_ddim_timesteps_and_eta_validation():
     with pytest.raises(ValueError, match="DDIM steps must be in 1..100"):
         ddim_timesteps(100, 0)
+    process = GaussianDiffusion(timesteps=100)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*got 1.5"):  # it would draw NaNs
+        sample(process, lambda x, t, **kw: x, jax.random.split(jax.random.key(0), 2), (1, 4, 4), sampler="ddim",
+               eta=1.5)
     ts, prev = ddim_timesteps(1000, 50)
     assert ts[0] == 999 and prev[-1] == -1 and ts.shape == (50,)
     assert np.all(np.diff(np.asarray(ts)) < 0)

@@ -35,6 +35,7 @@ from ddpm_eqx.layers import (
     uniform,
     upsample_nearest,
 )
+from ddpm_eqx.step import to_bfloat16
 from ddpm_eqx.unet import UNet, count_params, make_unet
 
 PARITY_PARAMS = 10_042_753  # the seed's (and lucidrains' 2022 Unet's) count for the config below
@@ -384,3 +385,19 @@ def test_random_fourier_features_are_frozen_and_not_counted():
     shapes = {opt: eqx.filter_eval_shape(lambda k: small(**{opt: True}, key=k), key(0))
               for opt in ("random_fourier_features", "learned_sinusoidal_cond")}
     assert count_params(shapes["learned_sinusoidal_cond"]) - count_params(shapes["random_fourier_features"]) == 8
+
+
+@pytest.mark.parametrize("option", ["random_fourier_features", "learned_sinusoidal_cond"])
+def test_bfloat16_training_keeps_the_time_features_of_the_float32_model(option):
+    """Mixed-precision training runs ``to_bfloat16(model)``, sampling the float32 model: both must see the same
+    Fourier features of t (a bf16 ``w`` moves ``2 pi w t`` by radians at t ~ 1000); everything else is bf16."""
+    model = small(**{option: True})
+    half = to_bfloat16(model)
+    t = jnp.arange(0, 1000, 37)
+    features = jax.vmap(model.time_embedding.fourier)(t)
+    np.testing.assert_array_equal(jax.vmap(half.time_embedding.fourier)(t), features)
+    others = [leaf for leaf in jax.tree_util.tree_leaves(eqx.filter(half, eqx.is_inexact_array))
+              if leaf is not half.time_embedding.fourier.weights]
+    assert others and all(leaf.dtype == jnp.bfloat16 for leaf in others)
+    emb, emb_half = model.time_embedding(jnp.array(999)), half.time_embedding(jnp.array(999))
+    assert float(jnp.linalg.norm(emb_half - emb) / jnp.linalg.norm(emb)) < 0.02  # bf16's rounding, not other features

@@ -131,7 +131,8 @@ def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.Dat
         return tfds.builder_from_directory(str(import_path(path, data_dir)))
     builder = _tfds_builder(name, data_dir)
     feature_keys(builder)  # a dataset without images fails here, before any download
-    if not builder.is_prepared():
+    # Without dataset_info.json it is not prepared, and TFDS's is_prepared would warn as much ("Variant folder").
+    if not (Path(builder.data_dir) / "dataset_info.json").exists() or not builder.is_prepared():
         _download_and_prepare(builder, cfg, download)
     elif str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
         raise DataError(

@@ -415,7 +415,8 @@ def test_unknown_dataset_fails_fast(tmp_path: Path) -> None:
     assert time.monotonic() - start < 10
 
 
-def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                caplog: pytest.LogCaptureFixture) -> None:
     temp = tmp_path / "temp"  # TFDS's builder of an unprepared dataset makes an empty tmpXXXXtfds here
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
@@ -428,3 +429,4 @@ def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert all(name in message for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
     assert time.monotonic() - start < 10
     assert [p.name for p in temp.iterdir()] == ["tmpsomeoneelsestfds"]
+    assert "Variant folder" not in caplog.text  # TFDS's warning about an unprepared dataset, before preparing it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -123,7 +124,16 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
+def _checkpoint_steps(workdir: Path) -> set[str]:
+    folder = workdir / "checkpoints"
+    return {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
+
+
+def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # noqa: ANN001
+    """Check ``workdir`` and write ``cfg`` as its config.json. A config.json beside checkpoints is a run: another
+    config continues it only with ``force`` (the old file kept as config.N.json); without checkpoints it is an
+    attempt that never saved, replaced. Returns the undo for a run that fails before it saves a checkpoint
+    (a failed restore, a bad split): config.json as it was, so the run's own command still resumes it."""
     from ddpm_eqx._io import write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
@@ -134,9 +144,11 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
         probe.unlink()
     except OSError as e:
         fail(f"cannot write to workdir {workdir} ({e.strerror}); pass --workdir to a writable folder")
-    path, text = workdir / "config.json", None
+    path, text, backup = workdir / "config.json", None, None
+    steps = _checkpoint_steps(workdir)
     if path.is_file():
         text = path.read_text()
+    if text is not None and steps:
         try:
             old = json.loads(text)
         except ValueError:
@@ -150,6 +162,14 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> None:  # noqa: ANN001
             write_text_atomic(backup, text)
     if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
         write_text_atomic(path, new)
+
+    def undo() -> None:
+        if text is not None and text != new and _checkpoint_steps(workdir) == steps:
+            write_text_atomic(path, text)
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+    return undo
 
 
 @app.command()
@@ -188,18 +208,22 @@ def train(
         fail(str(e).splitlines()[0], 1)
     import jax
 
+    undo: Callable[[], None] = lambda: None
     if jax.process_index() == 0:  # one process owns config.json (others would race on it)
-        _prepare_workdir(workdir, cfg, force)
+        undo = _prepare_workdir(workdir, cfg, force)
     warn_if_undersized_machine(cfg)
     if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
         quiet_failed_async_saves()
     try:
         result = run_train(cfg, workdir, restore_from=restore_from, progress=progress,
                            trace_cache=trace_cache.default_directory())
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: e.g. EACCES
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
-    except RuntimeError as e:
-        _fail_if_out_of_memory(e, f"data.batch_size={cfg.data.batch_size}", "lower it with --set data.batch_size=N")
+    except BaseException as e:
+        undo()
+        if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError)):
+            # OSError: e.g. EACCES
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
+        if isinstance(e, RuntimeError):
+            _fail_if_out_of_memory(e, f"data.batch_size={cfg.data.batch_size}", "lower it with --set data.batch_size=N")
         raise
     typer.echo(f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}; run in {workdir}")
 

@@ -86,6 +86,36 @@ def test_a_config_json_written_before_an_option_existed_is_the_same_run():
     assert cli._config_differences(old, new) == ["optim.lr: 0.001 -> 0.0005"]
 
 
+def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_leaves_it(tmp_path):
+    """A config.json without checkpoints is an attempt that never saved (a bad split, say): the next command
+    replaces it. Beside checkpoints another config needs --force, and a forced start that fails before saving
+    (a changed optimizer whose state cannot be restored) puts config.json back, so the old command resumes."""
+    import typer
+
+    import cli
+    from ddpm_eqx.config import Config, apply_overrides, from_json, to_json
+
+    a, b = Config(), apply_overrides(Config(), ["optim.lr=5e-4"])
+    workdir = tmp_path / "run"
+    cli._prepare_workdir(workdir, a, force=False)
+    cli._prepare_workdir(workdir, b, force=False)  # no checkpoint yet: replaced, not refused
+    assert from_json((workdir / "config.json").read_text()) == b
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    with pytest.raises(typer.Exit) as refused:
+        cli._prepare_workdir(workdir, a, force=False)
+    assert refused.value.exit_code == 2 and (workdir / "config.json").read_text() == to_json(b)
+    undo = cli._prepare_workdir(workdir, a, force=True)
+    assert (workdir / "config.json").read_text() == to_json(a)
+    assert (workdir / "config.0.json").read_text() == to_json(b)
+    undo()  # failed before its first save
+    assert (workdir / "config.json").read_text() == to_json(b) and not (workdir / "config.0.json").exists()
+    undo = cli._prepare_workdir(workdir, a, force=True)
+    (workdir / "checkpoints" / "6").mkdir()  # saved with the new config, then failed
+    undo()
+    assert (workdir / "config.json").read_text() == to_json(a)
+    assert (workdir / "config.0.json").read_text() == to_json(b)
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_run, fashion_mnist_data_dir, tmp_path):
     workdir = tmp_path / "run"

@@ -44,6 +44,21 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         fail(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}", 2)
 
 
+def _check_output(flag: str, path: Path | None, suffixes: tuple[str, ...]) -> Path | None:
+    """An output file's path, checked before any sampling (minutes, or hours for ``eval``) is spent on it."""
+    if path is None:
+        return None
+    path = path.expanduser()
+    if path.is_dir():
+        fail(f"{flag} {path} is a folder; give a file in it, e.g. {path / ('out' + suffixes[0])}", 2)
+    if path.suffix.lower() not in suffixes:
+        fail(f"{flag} {path}: the file name must end in {', '.join(suffixes)}", 2)
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        fail(f"{flag} {path}: {parent} is a file, not a folder", 2)
+    return path
+
+
 def _check_steps(sampler: str, steps: int | None) -> None:
     """--steps counts DDIM's steps; DDPM runs every timestep, so the pair is an error, not a silent no-op."""
     if sampler == "ddpm" and steps is not None:
@@ -199,7 +214,7 @@ def train(
     from ddpm_eqx import trace_cache
     from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
 
-    workdir = workdir or Path("runs") / Path(cfg.data.dataset).name
+    workdir = (workdir or Path("runs") / Path(cfg.data.dataset).name).expanduser()
     try:  # everything that can be checked before a workdir is touched
         validate_setup(cfg)
     except ConfigError as e:
@@ -230,9 +245,9 @@ def train(
 
 @app.command()
 def sample(
-    ckpt: Annotated[Path, typer.Option(help="A run folder (or its checkpoints/ folder)")],
+    ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="PNG grid (default: <run>/samples/sample_<step>.png)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>_seed<seed>.png)")] = None,
     npz: Annotated[Optional[Path], typer.Option(help="Also write the raw images (uint8 NHWC) here")] = None,
     num: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -248,6 +263,10 @@ def sample(
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
     _check_choice("--sampler", sampler, SAMPLERS)
     _check_steps(sampler, steps)
+    ckpt = ckpt.expanduser()
+    out = _check_output("--out", out, (".png", ".jpg", ".jpeg", ".webp"))
+    npz = _check_output("--npz", npz, (".npz",))
+    trajectory = _check_output("--trajectory", trajectory, (".gif", ".png"))
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx import trace_cache
@@ -269,7 +288,7 @@ def sample(
 
 @app.command("eval")
 def eval_(
-    ckpt: Annotated[Path, typer.Option(help="A run folder (or its checkpoints/ folder)")],
+    ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     num: Annotated[int, typer.Option(min=2, help="Images to sample and score")] = 10_000,
     step: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
@@ -285,6 +304,8 @@ def eval_(
     """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
     _check_choice("--metric", metric, ("classifier", "inception", "all"))
     _check_choice("--sampler", sampler, SAMPLERS)
+    ckpt = ckpt.expanduser()
+    out = _check_output("--out", out, (".json",))
     _init_runtime(host_devices, None, None, None)
     from ddpm_eqx.checkpoint import CheckpointError
     from ddpm_eqx.data_import import DataError
@@ -305,9 +326,13 @@ def eval_(
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise
     results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps, **results}
+    typer.echo(json.dumps(results, indent=2))  # first: an --out that cannot be written loses nothing
     if out is not None:
-        out.write_text(json.dumps(results, indent=2))
-    typer.echo(json.dumps(results, indent=2))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
+        except OSError as e:
+            fail(f"cannot write --out {out} ({e.strerror}); the results are printed above", 1)
 
 
 @data_app.command("prepare")

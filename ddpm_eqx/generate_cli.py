@@ -40,11 +40,15 @@ class SampleRequest:
     """Where the traced sampler is kept for the next process (see :mod:`ddpm_eqx.trace_cache`)."""
 
 
-def find_run(ckpt: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoints folder) for a run folder or its ``checkpoints/``."""
+def find_run(ckpt: Path) -> tuple[Path, Path, int | None]:
+    """(run folder, checkpoints folder, step) for a run folder, its ``checkpoints/`` or one step's folder in it
+    (``checkpoints/<step>``, the one step it names; otherwise None)."""
     ckpt = ckpt.expanduser()
     if not ckpt.exists():
         raise CheckpointError(f"--ckpt {ckpt} does not exist; pass a run folder written by `ddpm-eqx train`")
+    step = None
+    if ckpt.name.isdigit() and ckpt.parent.name == "checkpoints" and (ckpt / "state").is_dir():
+        step, ckpt = int(ckpt.name), ckpt.parent
     run = ckpt.parent if ckpt.name == "checkpoints" else ckpt
     ckpt_dir = run / "checkpoints"
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -52,14 +56,17 @@ def find_run(ckpt: Path) -> tuple[Path, Path]:
                               "train first or point at another run")
     if not (run / "config.json").is_file():
         raise CheckpointError(f"--ckpt {ckpt}: no config.json in {run}; is this a ddpm-eqx run folder?")
-    return run, ckpt_dir
+    return run, ckpt_dir, step
 
 
 def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
     """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
     from ddpm_eqx.train import state_skeleton
 
-    run, ckpt_dir = find_run(ckpt)
+    run, ckpt_dir, named = find_run(ckpt)
+    if named is not None and step not in (None, named):
+        raise CheckpointError(f"--ckpt names step {named}'s folder but --step is {step}; drop one of them")
+    step = named if step is None else step
     cfg = from_json((run / "config.json").read_text())
     skeleton = state_skeleton(cfg)
     manager = Checkpointer(ckpt_dir, read_only=True)
@@ -126,7 +133,7 @@ def run_sample(req: SampleRequest) -> list[Path]:
     cfg, model, step = load_ema_model(req.ckpt, req.step)
     images, setup = _draw(req, cfg, model)
     labels = setup.labels
-    run = req.ckpt if req.ckpt.name != "checkpoints" else req.ckpt.parent
+    run = find_run(req.ckpt)[0]
     out = req.out or run / "samples" / f"sample_{step}_{req.sampler}{req.steps or ''}_seed{req.seed}.png"
     written = [save_grid(images, out)]
     if req.npz is not None:

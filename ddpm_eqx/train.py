@@ -219,8 +219,8 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     found = ckpt.restore_latest(skeleton)
     source = ckpt.directory
     if found is None and restore_from is not None:
-        source = _resolve_restore_from(restore_from)
-        found = Checkpointer(source, read_only=True).restore_latest(skeleton)
+        source, step = _resolve_restore_from(restore_from)
+        found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step)
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:
@@ -236,19 +236,22 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     return state
 
 
-def _resolve_restore_from(restore_from: str | Path) -> Path:
+def _resolve_restore_from(restore_from: str | Path) -> tuple[Path, int | None]:
+    """The checkpoints folder to restore from, and the step when ``restore_from`` names one step's folder."""
     text = str(restore_from)
     if text.startswith("wandb:"):
         import wandb
 
         try:
             artifact = wandb.Api().artifact(text.removeprefix("wandb:"), type="model")
-            return Path(artifact.download()) / "checkpoints"
+            return Path(artifact.download()) / "checkpoints", None
         except Exception as e:
             raise FileNotFoundError(f"could not fetch W&B artifact {text[6:]!r} ({type(e).__name__}); "
                                     "check the name and your login, or download it and pass the folder") from None
-    path = Path(text)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    path = Path(text).expanduser()
+    if path.name.isdigit() and (path / "state").is_dir():  # <run>/checkpoints/<step>
+        return path.parent, int(path.name)
+    return (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
 
 
 def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> None:

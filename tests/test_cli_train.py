@@ -152,6 +152,11 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
     (["sample", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
                                   "drop --steps or use --sampler ddim"),
+    # Output paths are checked before minutes (or hours) of sampling are spent on them.
+    (["sample", "--out", "."], "--out . is a folder; give a file in it, e.g. out.png"),
+    (["sample", "--out", "grid"], "--out grid: the file name must end in .png, .jpg, .jpeg, .webp"),
+    (["sample", "--trajectory", "path.mp4"], "--trajectory path.mp4: the file name must end in .gif, .png"),
+    (["eval", "--out", "scores.txt"], "--out scores.txt: the file name must end in .json"),
 ])
 def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, args, message):
     result = subprocess.run(_cmd(*args, "--ckpt", str(tmp_path)), env=_env_without_jax(tmp_path), capture_output=True,

@@ -116,6 +116,28 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     assert (workdir / "config.0.json").read_text() == to_json(b)
 
 
+def test_a_step_folder_names_its_run_and_step(tmp_path, monkeypatch):
+    """``sample --ckpt`` and ``train --restore-from`` take <run>/checkpoints/<step> too (and expand ~)."""
+    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.generate_cli import find_run
+    from ddpm_eqx.train import _resolve_restore_from
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "40" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "80" / "state").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given in (run, run / "checkpoints", Path("~/run")):
+        assert find_run(given) == (run, run / "checkpoints", None)
+    assert find_run(run / "checkpoints" / "40") == (run, run / "checkpoints", 40)
+    assert _resolve_restore_from("~/run") == (run / "checkpoints", None)
+    assert _resolve_restore_from(str(run / "checkpoints" / "40")) == (run / "checkpoints", 40)
+    with pytest.raises(CheckpointError, match="names step 40's folder but --step is 80"):
+        from ddpm_eqx.generate_cli import load_ema_model
+
+        load_ema_model(run / "checkpoints" / "40", 80)
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_run, fashion_mnist_data_dir, tmp_path):
     workdir = tmp_path / "run"

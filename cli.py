@@ -76,6 +76,8 @@ def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
 def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_processes: Optional[int],
                   process_id: Optional[int]) -> None:
     """Device count on CPU and multi-process start-up; must run before JAX touches a backend."""
+    if host_devices is not None and host_devices < 1:
+        fail(f"--host-devices {host_devices}: give a positive number of devices (default: one per core)", 2)
     from ddpm_eqx.parallel import set_host_device_count
 
     set_host_device_count(host_devices)

@@ -61,6 +61,7 @@ class DataConfig:
         _require(self.image_size > 0, f"data.image_size must be positive, got {self.image_size}")
         _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.dim > 0, f"model.dim must be positive, got {self.dim}")
+        for name in ("init_dim", "out_dim"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"model.{name} must be positive or None, got {value}")
+        for name in ("resnet_block_groups", "attn_heads", "attn_dim_head"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         _require(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
                  f"model.dim_mults must be positive integers, got {self.dim_mults}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -147,6 +153,7 @@ class TrainingConfig:
         _require(self.max_to_keep > 0, "training.max_to_keep must be positive")
         _require(0.0 <= self.cond_drop_prob < 1.0, "training.cond_drop_prob must be in [0, 1)")
         _require(self.eval_every >= 0, "training.eval_every must be >= 0")
+        _require(self.eval_num >= 2, f"training.eval_num must be >= 2 (FID needs a covariance), got {self.eval_num}")
         _require(self.grad_accum_steps > 0, f"training.grad_accum_steps must be positive, got {self.grad_accum_steps}")
 
 
@@ -164,6 +171,8 @@ class EMAConfig:
         _require(self.update_every > 0, "ema.update_every must be positive")
         _require(self.update_after_step >= 0, "ema.update_after_step must be >= 0")
         _require(self.inv_gamma > 0, "ema.inv_gamma must be > 0")
+        _require(self.power > 0, f"ema.power must be > 0, got {self.power}")
+        _require(0.0 <= self.min_value <= self.beta, f"ema.min_value must be in [0, ema.beta], got {self.min_value}")
 
 
 @dataclasses.dataclass(frozen=True)

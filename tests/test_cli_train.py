@@ -133,7 +133,9 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     [(["optim.lr=-1"], "optim.lr must be positive"), (["ddpm.beta_schedule=quadratic"], "is not one of linear"),
      (["ddpm.timesteps=0"], "ddpm.timesteps must be positive"), (["optim.lr=fast"], "is not a valid float"),
      (["model.dims=3"], "unknown config key 'model.dims'; valid keys: data.dataset"),
-     (["sampling.eta=1.5"], "sampling.eta must be in [0, 1]")],
+     (["sampling.eta=1.5"], "sampling.eta must be in [0, 1]"),
+     (["model.attn_heads=0"], "model.attn_heads must be positive, got 0"),
+     (["data.prefetch=-1"], "data.prefetch must be >= 0, got -1")],
 )
 def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
     """Reported before JAX loads (seconds of imports for a typo): here any import of jax fails loudly."""
@@ -157,6 +159,7 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["sample", "--out", "grid"], "--out grid: the file name must end in .png, .jpg, .jpeg, .webp"),
     (["sample", "--trajectory", "path.mp4"], "--trajectory path.mp4: the file name must end in .gif, .png"),
     (["eval", "--out", "scores.txt"], "--out scores.txt: the file name must end in .json"),
+    (["sample", "--host-devices", "0"], "--host-devices 0: give a positive number of devices (default: one per core)"),
 ])
 def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, args, message):
     result = subprocess.run(_cmd(*args, "--ckpt", str(tmp_path)), env=_env_without_jax(tmp_path), capture_output=True,

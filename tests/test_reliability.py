@@ -116,6 +116,20 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     assert (workdir / "config.0.json").read_text() == to_json(b)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.init_dim=0", "model.init_dim must be positive or None"), ("model.attn_dim_head=0", "model.attn_dim_head"),
+    ("model.resnet_block_groups=0", "model.resnet_block_groups must be positive"),
+    ("training.eval_num=1", "training.eval_num must be >= 2"), ("ema.power=0", "ema.power must be > 0"),
+    ("ema.min_value=0.999", "ema.min_value must be in [0, ema.beta]"),
+])
+def test_values_that_would_crash_later_are_config_errors(override, message):
+    """Each of these used to pass the config and fail with a traceback (a division by zero, an empty FID)."""
+    from ddpm_eqx.config import Config, ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides(Config(), [override])
+
+
 def test_a_step_folder_names_its_run_and_step(tmp_path, monkeypatch):
     """``sample --ckpt`` and ``train --restore-from`` take <run>/checkpoints/<step> too (and expand ~)."""
     from ddpm_eqx.checkpoint import CheckpointError

@@ -20,7 +20,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -55,6 +56,14 @@ def _is_leaf_array(x: Any) -> bool:
 
 def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
     return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _paths(tree: PyTree) -> set[tuple[str, ...]]:
+    """The arrays' paths as Orbax names them in a checkpoint (``("opt_state", "1", "mu", ...)``)."""
+    return set(ocp.tree.to_flat_dict(eqx.filter(tree, _is_leaf_array)))
+
+
+Layouts = Sequence[tuple[PyTree, Callable[[PyTree], PyTree]]]
 
 
 _ORBAX = f"{os.sep}orbax{os.sep}"
@@ -270,14 +279,34 @@ class Checkpointer:
         result = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(result.meta)
 
-    def restore(self, step: int, skeleton: PyTree) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
-        """Restore ``step`` into the structure of ``skeleton`` (real arrays or ShapeDtypeStructs)."""
+    def restore(
+        self, step: int, skeleton: PyTree, *, layouts: Layouts = ()
+    ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+        """Restore ``step`` into the structure of ``skeleton`` (real arrays or ShapeDtypeStructs).
+
+        ``layouts``: (earlier skeleton, its conversion to ``skeleton``'s structure) pairs, for checkpoints that
+        hold the same arrays in another tree (an earlier optimizer's chain); the one whose paths were stored
+        is read and converted."""
+        metadata = self._metadata(step)
+        stored_paths = set(ocp.tree.to_flat_dict(metadata))
+        to_current: Callable[[PyTree], PyTree] | None = None
+        if _paths(skeleton) != stored_paths:
+            for earlier, conversion in layouts:
+                if _paths(earlier) == stored_paths:
+                    log.info("checkpoint %s/%d holds an earlier layout of the state; converting it as it is read",
+                             self.directory, step)
+                    skeleton, to_current = earlier, conversion
+                    break
         abstract, static = eqx.partition(skeleton, _is_leaf_array)
         # Restore replicated over this process's devices, whatever the topology at save time.
         replicated = NamedSharding(make_mesh(), P())
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
         target, convert = abstract, None
-        expected, stored = _shapes(abstract), self._stored_shapes(step)
+        expected, stored = _shapes(abstract), _shapes(metadata)
+        if stored == expected and _paths(abstract) != stored_paths:
+            missing = sorted(_paths(abstract) - stored_paths)
+            raise _ShapeMismatch(f"the same arrays stored under other names, e.g. {'/'.join(missing[0])} is not "
+                                 "stored there")
         if stored != expected:
             legacy = kernels_as_oihw(abstract)
             if stored != _shapes(legacy):
@@ -295,18 +324,18 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
-        state = result.state if convert is None else convert(result.state)
-        return eqx.combine(state, static), dict(result.data or {}), dict(result.meta)
+        state = eqx.combine(result.state if convert is None else convert(result.state), static)
+        return (state if to_current is None else to_current(state)), dict(result.data or {}), dict(result.meta)
 
-    def _stored_shapes(self, step: int) -> list[tuple[int, ...]]:
-        """The stored array shapes, from the metadata alone: a checkpoint of another model is reported as
-        such, without a failing restore (whose async clean-up prints noise at exit)."""
+    def _metadata(self, step: int) -> PyTree:
+        """The stored arrays' metadata alone: a checkpoint of another model is reported as such, without a
+        failing restore (whose async clean-up prints noise at exit)."""
         # The handler, not StandardCheckpointer: that one also looks for a per-item _CHECKPOINT_METADATA
         # (the manager writes it per step) and logs "Metadata file does not exist" on every restore.
-        return _shapes(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state"))
+        return ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
 
     def restore_latest(
-        self, skeleton: PyTree, *, step: int | None = None
+        self, skeleton: PyTree, *, step: int | None = None, layouts: Layouts = ()
     ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]] | None:
         """The newest readable checkpoint (or ``step``), falling back past unreadable ones; None if none."""
         steps = self.all_steps()
@@ -317,7 +346,7 @@ class Checkpointer:
         mismatches = []
         for s in reversed(steps):
             try:
-                state, data, meta = self.restore(s, skeleton)
+                state, data, meta = self.restore(s, skeleton, layouts=layouts)
             except Exception as e:  # Orbax raises many types for truncated or missing files.
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 if _is_mismatch(e):

@@ -61,7 +61,7 @@ def find_run(ckpt: Path) -> tuple[Path, Path, int | None]:
 
 def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
     """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
-    from ddpm_eqx.train import state_skeleton
+    from ddpm_eqx.train import earlier_layouts, state_skeleton
 
     run, ckpt_dir, named = find_run(ckpt)
     if named is not None and step not in (None, named):
@@ -71,7 +71,7 @@ def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Mod
     skeleton = state_skeleton(cfg)
     manager = Checkpointer(ckpt_dir, read_only=True)
     try:
-        found = manager.restore_latest(skeleton, step=step)
+        found = manager.restore_latest(skeleton, step=step, layouts=earlier_layouts(cfg, skeleton))
     finally:
         manager.close()  # an open manager's async machinery prints errors at interpreter exit
     assert found is not None

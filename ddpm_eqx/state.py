@@ -30,11 +30,16 @@ def _frozen(node: object) -> bool:
     return isinstance(node, eqx.Module) and getattr(node, "frozen", False) is True
 
 
+def _inexact(node: object) -> bool:
+    if isinstance(node, jax.ShapeDtypeStruct):  # a skeleton's leaf (``train.state_skeleton``)
+        return bool(jnp.issubdtype(node.dtype, jnp.inexact))
+    return eqx.is_inexact_array(node)
+
+
 def trainable(model: PyTree) -> PyTree:
-    """Filter spec of the trained leaves: floating-point arrays, except inside modules with ``frozen=True``
-    (the U-Net's random Fourier features), so neither Adam nor weight decay ever touches those."""
-    return jax.tree_util.tree_map(lambda node: False if _frozen(node) else eqx.is_inexact_array(node), model,
-                                  is_leaf=_frozen)
+    """Filter spec of the trained leaves: floating-point arrays (or their shapes), except inside modules with
+    ``frozen=True`` (the U-Net's random Fourier features), so neither Adam nor weight decay ever touches those."""
+    return jax.tree_util.tree_map(lambda node: False if _frozen(node) else _inexact(node), model, is_leaf=_frozen)
 
 
 def learning_rate_schedule(cfg: OptimConfig, num_train_steps: int) -> optax.Schedule:
@@ -49,15 +54,28 @@ def learning_rate_schedule(cfg: OptimConfig, num_train_steps: int) -> optax.Sche
 
 
 def make_optimizer(cfg: OptimConfig, num_train_steps: int) -> optax.GradientTransformation:
-    """Adam (the seed) or AdamW, with optional global-norm clipping before it."""
+    """Adam (the seed) or AdamW, with optional global-norm clipping before it: ``optax.adam``/``adamw``'s own
+    chain, spelled out so that its state has one layout whatever the options. A run then resumes (``--force``)
+    with clipping, weight decay or a schedule switched on or off (the remedy a non-finite loss suggests)."""
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip is not None else optax.identity()
+    decay = cfg.optimizer == "AdamW" or cfg.weight_decay > 0
+    return optax.chain(
+        clip,
+        optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay) if decay else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate_schedule(cfg, num_train_steps)),
+    )
+
+
+def earlier_optimizers(cfg: OptimConfig, num_train_steps: int) -> list[optax.GradientTransformation]:
+    """The optimizers checkpoints of ddpm-eqx before 0.2 were written with (``optax.adam``/``adamw``, clipping
+    chained in front), one per combination of the options that shaped their state's tree. Their arrays are
+    :func:`make_optimizer`'s, in the same order; only the tree around them differs."""
     lr = learning_rate_schedule(cfg, num_train_steps)
-    if cfg.optimizer == "AdamW" or cfg.weight_decay > 0:
-        opt = optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
-    if cfg.grad_clip is not None:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
-    return opt
+    adam = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    adamw = optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    clip = optax.clip_by_global_norm(cfg.grad_clip or 1.0)
+    return [adam, adamw, optax.chain(clip, adam), optax.chain(clip, adamw)]
 
 
 def init_state(model: PyTree, optimizer: optax.GradientTransformation) -> TrainState:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
-from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer
+from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, Layouts
 from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
@@ -32,7 +32,7 @@ from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
 from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb
 from ddpm_eqx.parallel import check_divisible, make_mesh, replicate, shard_batch
-from ddpm_eqx.state import TrainState, init_state, make_optimizer
+from ddpm_eqx.state import TrainState, earlier_optimizers, init_state, make_optimizer, trainable
 from ddpm_eqx.step import make_train_step
 from ddpm_eqx.unet import UNet, make_unet
 
@@ -65,6 +65,20 @@ def state_skeleton(cfg: Config) -> TrainState:
     restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
     (~15 s for the seed's U-Net)."""
     return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+
+
+def earlier_layouts(cfg: Config, skeleton: TrainState) -> list[tuple[TrainState, Callable[[TrainState], TrainState]]]:
+    """The state's earlier layouts (:func:`ddpm_eqx.state.earlier_optimizers`) with their conversion to
+    ``skeleton``'s: what ``Checkpointer.restore`` reads checkpoints of an older ddpm-eqx with."""
+    params = eqx.filter(skeleton.model, trainable(skeleton.model))
+    current = jax.tree_util.tree_structure(skeleton.opt_state)
+
+    def convert(state: TrainState) -> TrainState:
+        leaves = jax.tree_util.tree_leaves(state.opt_state)
+        return eqx.tree_at(lambda s: s.opt_state, state, jax.tree_util.tree_unflatten(current, leaves))
+
+    return [(eqx.tree_at(lambda s: s.opt_state, skeleton, jax.eval_shape(opt.init, params)), convert)
+            for opt in earlier_optimizers(cfg.optim, cfg.training.num_train_steps)]
 
 
 class _StopFlag:
@@ -104,7 +118,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.training.max_to_keep)
     environment = describe()  # stored with every checkpoint, compared on resume
     # Weights are built only when there is no checkpoint to restore into their skeleton.
-    restored = _restore(ckpt, state_skeleton(cfg), iterator, restore_from, environment)
+    skeleton = state_skeleton(cfg)
+    restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton))
     state = init_state(build_model(cfg), optimizer) if restored is None else restored
     start = int(state.step)
     state = replicate(state, mesh)
@@ -210,17 +225,17 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
 
 
 def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
-             environment: dict[str, Any]) -> TrainState | None:
+             environment: dict[str, Any], layouts: Layouts = ()) -> TrainState | None:
     """The newest checkpoint of this run, else of ``restore_from``; None when there is none.
 
     Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
     (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared.
     """
-    found = ckpt.restore_latest(skeleton)
+    found = ckpt.restore_latest(skeleton, layouts=layouts)
     source = ckpt.directory
     if found is None and restore_from is not None:
         source, step = _resolve_restore_from(restore_from)
-        found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step)
+        found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step, layouts=layouts)
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:
@@ -259,7 +274,7 @@ def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> No
         steps = ckpt.all_steps()
         last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
         raise NonFiniteLossError(f"loss is {float(pending[1])} at step {pending[0]}; {last}. "
-                                 "Lower optim.lr or set optim.grad_clip, then resume.")
+                                 "Lower optim.lr or set optim.grad_clip, then resume with --force.")
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config,

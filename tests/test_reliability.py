@@ -615,16 +615,19 @@ def test_a_checkpoint_of_an_older_version_with_oihw_kernels_restores_as_the_same
     """tests/data/legacy_oihw was written by ddpm-eqx 31589f9, whose convolution kernels were eqx.nn.Conv2d's
     (OIHW weights, (o, 1, 1) biases): a tiny self-conditioned, class-conditional U-Net after two Adam steps,
     with its outputs for one input (tests/data/make_legacy_oihw.py). Restored now, the model and its EMA
-    compute the same function and the optimizer moments sit with their (now HWIO) kernels."""
+    compute the same function and the optimizer moments sit with their (now HWIO) kernels; its optimizer
+    state, optax.adam's tree then, is read into today's chain."""
+    import jax
     import jax.numpy as jnp
 
     from ddpm_eqx.checkpoint import Checkpointer
     from ddpm_eqx.config import from_dict
-    from ddpm_eqx.train import state_skeleton
+    from ddpm_eqx.train import earlier_layouts, state_skeleton
 
     cfg = from_dict(json.loads((LEGACY_OIHW / "config.json").read_text()))
     ckpt = Checkpointer(LEGACY_OIHW / "checkpoints", read_only=True)
-    step, state, _, meta = ckpt.restore_latest(state_skeleton(cfg))
+    skeleton = state_skeleton(cfg)
+    step, state, _, meta = ckpt.restore_latest(skeleton, layouts=earlier_layouts(cfg, skeleton))
     ckpt.close()
     assert step == meta["step"] == 2
     ref = np.load(LEGACY_OIHW / "reference.npz")
@@ -632,11 +635,105 @@ def test_a_checkpoint_of_an_older_version_with_oihw_kernels_restores_as_the_same
         out = getattr(state, name)(jnp.asarray(ref["x"]), jnp.asarray(ref["t"]),
                                    x_self_cond=jnp.asarray(ref["x_self_cond"]), label=jnp.asarray(ref["label"]))
         np.testing.assert_allclose(out, ref[name], rtol=1e-5, atol=1e-5)
-    adam = state.opt_state[0]
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(skeleton.opt_state)
+    adam = state.opt_state[1]  # written as optax.adam's (adam, schedule), read as make_optimizer's chain
     np.testing.assert_array_equal(adam.mu.init_conv.weight, ref["mu_init_conv_weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(adam.nu.init_conv.bias, ref["nu_init_conv_bias"].reshape(-1))
     np.testing.assert_array_equal(adam.mu.downs[0].attn.fn.to_qkv.weight, ref["mu_to_qkv_weight"].transpose(2, 3, 1, 0))
     assert int(adam.count) == 2
+
+
+def _saved_state(tmp_path, overrides, optimizer=None):
+    """A tiny model's state after one update, saved at step 1; its config and the state."""
+    import equinox as eqx
+    import jax
+
+    from _cli import TINY
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.state import init_state, make_optimizer, trainable
+    from ddpm_eqx.train import build_model
+
+    cfg = apply_overrides(Config(), [*TINY, *overrides])
+    model = build_model(cfg)
+    optimizer = optimizer or make_optimizer(cfg.optim, cfg.training.num_train_steps)
+    state = init_state(model, optimizer)
+    params = eqx.filter(model, trainable(model))
+    grads = jax.tree_util.tree_map(lambda p: 0.1 * p + 0.01, params)
+    _, opt_state = optimizer.update(grads, state.opt_state, params)
+    state = eqx.tree_at(lambda s: s.opt_state, state, opt_state)
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(1, state, None, {"step": 1})
+    ckpt.close()
+    return cfg, state
+
+
+def _restored(tmp_path, cfg):
+    import jax
+
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.train import earlier_layouts, state_skeleton
+
+    skeleton = state_skeleton(cfg)
+    ckpt = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    try:
+        _, state, _, _ = ckpt.restore_latest(skeleton, layouts=earlier_layouts(cfg, skeleton))
+    finally:
+        ckpt.close()
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(skeleton)
+    return state
+
+
+def _same_arrays(a, b):
+    import jax
+
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_run_resumes_with_clipping_and_weight_decay_switched_on(tmp_path):
+    """A non-finite loss advises optim.grad_clip, then a resume (--force): the optimizer's state must read back."""
+    from ddpm_eqx.config import apply_overrides
+
+    cfg, saved = _saved_state(tmp_path, [])
+    forced = apply_overrides(cfg, ["optim.grad_clip=1.0", "optim.weight_decay=0.01", "optim.warmup_steps=5"])
+    _same_arrays(_restored(tmp_path, forced), saved)
+
+
+@pytest.mark.parametrize("earlier", ["adam", "clip+adamw"])
+def test_a_checkpoint_of_an_earlier_optimizer_layout_restores_as_the_same_state(tmp_path, earlier):
+    """ddpm-eqx before 0.2 saved optax.adam's/adamw's own state tree (clipping chained in front): the same arrays,
+    read into today's layout."""
+    import optax
+
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.state import learning_rate_schedule
+
+    overrides = [] if earlier == "adam" else ["optim.grad_clip=1.0", "optim.weight_decay=0.01"]
+    cfg = apply_overrides(Config(), overrides)
+    lr = learning_rate_schedule(cfg.optim, cfg.training.num_train_steps)
+    old = (optax.adam(lr) if earlier == "adam"
+           else optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01)))
+    cfg, saved = _saved_state(tmp_path, overrides, optimizer=old)
+    restored = _restored(tmp_path, cfg)
+    _same_arrays(restored.model, saved.model)
+    _same_arrays(restored.opt_state, saved.opt_state)  # same arrays, same order; another tree around them
+    assert int(restored.opt_state[1].count) == 1  # scale_by_adam's state, where make_optimizer keeps it
+
+
+def test_the_same_arrays_under_other_names_are_another_model_not_a_damaged_checkpoint(tmp_path):
+    import equinox as eqx
+
+    from ddpm_eqx.checkpoint import Checkpointer, CheckpointError
+    from ddpm_eqx.train import state_skeleton
+
+    cfg, saved = _saved_state(tmp_path, [])
+    skeleton = state_skeleton(cfg)
+    renamed = eqx.tree_at(lambda s: s.opt_state, skeleton, (skeleton.opt_state, ()))  # one level deeper
+    ckpt = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    with pytest.raises(CheckpointError, match="do not match the model its config.json describes.*stored under other"):
+        ckpt.restore_latest(renamed)
+    ckpt.close()
 
 
 def test_opening_a_checkpoint_read_only_logs_no_warning_and_other_warnings_still_pass(caplog):

@@ -85,3 +85,31 @@ def test_frozen_fourier_features_are_not_trained_even_with_weight_decay():
     new = eqx.apply_updates(model, updates)
     assert np.array_equal(new.time_embedding.fourier.weights, frozen)
     assert not np.array_equal(new.final_conv.weight, model.final_conv.weight)
+
+
+@pytest.mark.parametrize("clip, decay", [(None, 0.0), (None, 0.01), (0.5, 0.0), (0.5, 0.01)])
+def test_make_optimizer_is_optax_adam_or_adamw_bitwise(clip, decay):
+    """Spelled out for a state layout that does not depend on the options, the same updates as before."""
+    cfg = OptimConfig(lr=1e-3, grad_clip=clip, weight_decay=decay, warmup_steps=3)
+    lr = learning_rate_schedule(cfg, 10)
+    reference = (optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=decay) if decay
+                 else optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps))
+    if clip is not None:
+        reference = optax.chain(optax.clip_by_global_norm(clip), reference)
+    ours = make_optimizer(cfg, 10)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones(2)}
+    states = [ours.init(params), reference.init(params)]
+    for i in range(4):
+        grads = jax.tree_util.tree_map(lambda p: jnp.sin(p * (i + 3.0)), params)
+        (u1, states[0]), (u2, states[1]) = ours.update(grads, states[0], params), reference.update(grads, states[1], params)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, u1, u2)
+        params = optax.apply_updates(params, u1)
+
+
+def test_the_optimizer_state_layout_is_the_same_whatever_the_options():
+    """So a run resumes with clipping, weight decay or a schedule switched on (what a non-finite loss advises)."""
+    params = {"w": jnp.ones(3)}
+    layouts = {jax.tree_util.tree_structure(make_optimizer(OptimConfig(**kw), 100).init(params))
+               for kw in ({}, {"grad_clip": 1.0}, {"weight_decay": 0.1}, {"optimizer": "AdamW"},
+                          {"warmup_steps": 10, "cosine_decay": True})}
+    assert len(layouts) == 1

@@ -141,6 +141,33 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+_LOCKS: dict[Path, object] = {}  # workdir -> its open lock file: held until this process exits, however it exits
+
+
+def _lock_workdir(workdir: Path) -> None:
+    """One trainer per workdir: a second one (a resume started while the pre-empted run still lives) would
+    append to a metrics.jsonl the first has replaced and prune the first's checkpoints. An advisory ``flock``
+    on ``<workdir>/.lock``, released by the kernel when the holder exits (SIGKILL included)."""
+    import fcntl
+
+    if workdir.resolve() in _LOCKS:
+        return
+    lock = open(workdir / ".lock", "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        fail(f"{workdir} is in use by another ddpm-eqx train (pid {holder}); wait for it to end, stop it, or use "
+             "another --workdir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _LOCKS[workdir.resolve()] = lock
+
+
 def _checkpoint_steps(workdir: Path) -> set[str]:
     folder = workdir / "checkpoints"
     return {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
@@ -161,6 +188,7 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
         probe.unlink()
     except OSError as e:
         fail(f"cannot write to workdir {workdir} ({e.strerror}); pass --workdir to a writable folder")
+    _lock_workdir(workdir)
     path, text, backup = workdir / "config.json", None, None
     steps = _checkpoint_steps(workdir)
     if path.is_file():

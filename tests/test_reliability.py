@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -128,6 +130,36 @@ def test_values_that_would_crash_later_are_config_errors(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         apply_overrides(Config(), [override])
+
+
+def test_a_workdir_in_use_by_another_trainer_is_refused(tmp_path, capsys):
+    """A resume started while the pre-empted run still lives would share its metrics and checkpoints."""
+    import typer
+
+    import cli
+    from ddpm_eqx.config import Config
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        lock = open({str(workdir / ".lock")!r}, "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid())); lock.flush()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(typer.Exit) as refused:
+            cli._prepare_workdir(workdir, Config(), force=False)
+        assert refused.value.exit_code == 1 and not (workdir / "config.json").exists()
+        assert f"is in use by another ddpm-eqx train (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    cli._prepare_workdir(workdir, Config(), force=False)  # the holder is gone (killed): its lock went with it
+    assert (workdir / "config.json").exists() and (workdir / ".lock").read_text() == str(os.getpid())
 
 
 def test_a_step_folder_names_its_run_and_step(tmp_path, monkeypatch):

@@ -59,11 +59,13 @@ def _check_output(flag: str, path: Path | None, suffixes: tuple[str, ...]) -> Pa
     return path
 
 
-def _check_steps(sampler: str, steps: int | None) -> None:
-    """--steps counts DDIM's steps; DDPM runs every timestep, so the pair is an error, not a silent no-op."""
+def _check_ddim_options(sampler: str, steps: int | None, eta: float) -> None:
+    """--steps and --eta are DDIM's; with DDPM (every timestep, its own noise) they are an error, not a no-op."""
     if sampler == "ddpm" and steps is not None:
         fail(f"--steps {steps} sets the DDIM sampler's steps; DDPM runs all the model's timesteps: drop --steps or "
              "use --sampler ddim", 2)
+    if sampler == "ddpm" and eta != 0.0:
+        fail(f"--eta {eta} sets the DDIM sampler's noise; DDPM draws its own: drop --eta or use --sampler ddim", 2)
 
 
 def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
@@ -136,6 +138,9 @@ def _config_differences(old: dict, new: dict) -> list[str]:
                 before = old.get(section, {}).get(k, as_read(defaults[section][k]))
                 if as_read(v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
+                elif as_read(v) != before and k == "num_train_steps" and new["optim"].get("cosine_decay"):
+                    # The cosine schedule is stretched over the run's length: another length changes the lr.
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (re-stretches optim.cosine_decay's lr)")
         elif (before := old.get(section, defaults[section])) != values:
             diffs.append(f"{section}: {before!r} -> {values!r}")
     return diffs
@@ -292,7 +297,7 @@ def sample(
 ) -> None:
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
     _check_choice("--sampler", sampler, SAMPLERS)
-    _check_steps(sampler, steps)
+    _check_ddim_options(sampler, steps, eta)
     ckpt = ckpt.expanduser()
     out = _check_output("--out", out, (".png", ".jpg", ".jpeg", ".webp"))
     npz = _check_output("--npz", npz, (".npz",))
@@ -323,7 +328,7 @@ def eval_(
     step: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
-    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = 100,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
     seed: int = 0,
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
@@ -334,6 +339,9 @@ def eval_(
     """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
     _check_choice("--metric", metric, ("classifier", "inception", "all"))
     _check_choice("--sampler", sampler, SAMPLERS)
+    _check_ddim_options(sampler, steps, eta)
+    if sampler == "ddim" and steps is None:
+        steps = 100
     ckpt = ckpt.expanduser()
     out = _check_output("--out", out, (".json",))
     _init_runtime(host_devices, None, None, None)
@@ -343,7 +351,7 @@ def eval_(
     from ddpm_eqx.generate_cli import SampleRequest, draw_images
 
     request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
-                            steps=steps if sampler == "ddim" else None, eta=eta, seed=seed,
+                            steps=steps, eta=eta, seed=seed,
                             trace_cache=trace_cache.default_directory())
     try:
         from ddpm_eqx.evaluate import evaluate_images

@@ -105,6 +105,8 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
         raise ValueError(f"--label {req.label}: this model is not class-conditional; drop --label")
     if req.label is not None and not 0 <= req.label < (num_classes or 0):
         raise ValueError(f"--label {req.label} is out of range; this model has classes 0..{(num_classes or 1) - 1}")
+    if req.guidance != 1.0 and num_classes is None:
+        raise ValueError(f"--guidance {req.guidance}: this model is not class-conditional; drop --guidance")
     if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
         raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
     from ddpm_eqx.diffusion import make_diffusion

@@ -23,7 +23,7 @@ import numpy as np
 
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
-from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, Layouts
+from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts
 from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
@@ -235,7 +235,14 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     source = ckpt.directory
     if found is None and restore_from is not None:
         source, step = _resolve_restore_from(restore_from)
-        found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step, layouts=layouts)
+        try:
+            found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step, layouts=layouts)
+        except CheckpointError as e:
+            if "do not match the model" not in str(e):
+                raise
+            detail = str(e).split("describes (", 1)[-1].split("); was", 1)[0]
+            raise CheckpointError(f"--restore-from {restore_from}: its checkpoints hold another model than this "
+                                  f"run's config ({detail}); restore from a run of the same model") from None
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:

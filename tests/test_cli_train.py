@@ -154,6 +154,8 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
     (["sample", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
                                   "drop --steps or use --sampler ddim"),
+    (["eval", "--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5 sets the DDIM sampler's noise; DDPM draws its own: "
+                                                    "drop --eta or use --sampler ddim"),
     # Output paths are checked before minutes (or hours) of sampling are spent on them.
     (["sample", "--out", "."], "--out . is a folder; give a file in it, e.g. out.png"),
     (["sample", "--out", "grid"], "--out grid: the file name must end in .png, .jpg, .jpeg, .webp"),

@@ -184,6 +184,21 @@ def test_a_step_folder_names_its_run_and_step(tmp_path, monkeypatch):
         load_ema_model(run / "checkpoints" / "40", 80)
 
 
+def test_more_steps_of_a_cosine_decay_run_is_a_different_run():
+    """Its lr schedule is stretched over the run's length; a constant or warm-up schedule's is not."""
+    import cli
+    from ddpm_eqx.config import Config, apply_overrides, to_dict
+
+    def cfg(*overrides):  # as config.json reads back: tuples are lists
+        return json.loads(json.dumps(to_dict(apply_overrides(Config(), list(overrides)))))
+
+    assert cli._config_differences(cfg("optim.cosine_decay=true"),
+                                   cfg("optim.cosine_decay=true", "training.num_train_steps=20000")) == [
+        "training.num_train_steps: 12000 -> 20000 (re-stretches optim.cosine_decay's lr)"]
+    assert cli._config_differences(cfg("optim.warmup_steps=10"),
+                                   cfg("optim.warmup_steps=10", "training.num_train_steps=20000")) == []
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_run, fashion_mnist_data_dir, tmp_path):
     workdir = tmp_path / "run"
@@ -234,6 +249,20 @@ def test_sample_rejects_a_checkpoint_of_another_model(reference_run, tmp_path):
 def test_sample_label_for_unconditional_model(reference_run, tmp_path):
     result = _run(_cmd("sample", "--ckpt", str(reference_run[0]), "--num", "2", "--label", "3"), tmp_path)
     _one_line_error(result, 1, "not class-conditional")
+
+
+def test_sample_guidance_for_unconditional_model_is_an_error_not_a_no_op(tmp_path):
+    import equinox as eqx
+
+    from ddpm_eqx.config import Config
+    from ddpm_eqx.generate_cli import SampleRequest, _draw
+
+    class NeverUsed(eqx.Module):  # checked before the model is used
+        pass
+
+    request = SampleRequest(ckpt=tmp_path, guidance=3.0)
+    with pytest.raises(ValueError, match="--guidance 3.0: this model is not class-conditional; drop --guidance"):
+        _draw(request, Config(), NeverUsed())
 
 
 def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):
@@ -765,6 +794,20 @@ def test_the_same_arrays_under_other_names_are_another_model_not_a_damaged_check
     ckpt = Checkpointer(tmp_path / "checkpoints", read_only=True)
     with pytest.raises(CheckpointError, match="do not match the model its config.json describes.*stored under other"):
         ckpt.restore_latest(renamed)
+    ckpt.close()
+
+
+def test_restore_from_a_run_of_another_model_names_that_run_not_config_json(tmp_path):
+    from ddpm_eqx.checkpoint import Checkpointer, CheckpointError
+    from ddpm_eqx.config import apply_overrides
+    from ddpm_eqx.train import _restore, state_skeleton
+
+    cfg, _ = _saved_state(tmp_path / "source", [])
+    other = apply_overrides(cfg, ["model.dim=16"])
+    ckpt = Checkpointer(tmp_path / "new" / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"--restore-from .*source: its checkpoints hold another model than this "
+                                              r"run's config \(expected array shape .*\); restore from a run of the"):
+        _restore(ckpt, state_skeleton(other), None, tmp_path / "source", {})
     ckpt.close()
 
 

@@ -104,7 +104,7 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
     from ddpm_eqx import config as C
 
     if config_file is not None:
-        cfg = C.load_config_file(config_file)
+        cfg = C.load_config_file(config_file.expanduser())
     elif dataset is not None and (CONFIG_DIR / f"{dataset}.py").is_file():
         cfg = C.load_config_file(CONFIG_DIR / f"{dataset}.py")
     elif dataset is not None:

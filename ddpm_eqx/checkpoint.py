@@ -19,8 +19,8 @@ import shutil
 import sys
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx

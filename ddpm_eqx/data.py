@@ -41,8 +41,8 @@ from ddpm_eqx.data_prepare import DatasetInfo, feature_keys, open_split, prepare
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "reads_from_memory", "load_split_array",
-    "subset_ids", "fit_image", "to_model_images",
+    "DataError", "DatasetInfo", "prepare_dataset", "make_train_iterator", "TrainIterator", "reads_from_memory",
+    "load_split_array", "subset_ids", "fit_image", "to_model_images",
 ]
 
 
@@ -272,7 +272,7 @@ def _mark_absl_flags_parsed() -> None:
 # joinable), and one whose workers still run leaves the shared memory of the batches they buffered: close them
 # first; grain's __del__ would then close again after its modules are gone, so disarm it.
 _prefetching: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
-_from_memory: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()  # see reads_from_memory
+_from_memory: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()  # see reads_from_memory
 
 
 @atexit.register
@@ -365,10 +365,51 @@ def load_split_array(
 # --- the training iterator -----------------------------------------------------------------------
 
 
+class TrainIterator:
+    """This process's batches, endlessly; ``get_state()`` is the next batch's number, whatever reads the batches
+    (a prefetch thread, worker processes, the decoded split or the files), so a resume may change
+    ``data.num_workers`` or ``data.cache`` (or have less memory, which decides the cache) and still continue
+    exactly. Grain's own iterator states differ by kind, and one kind's state fails in another's ``set_state``."""
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int, prefetch: int):
+        self._batches, self._num_workers, self._prefetch = batches, num_workers, prefetch
+        self._next = 0
+        self._iterator = _iterate(batches, num_workers, prefetch)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"batch": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "batch" not in state:  # written by ddpm-eqx before 0.2: the prefetching iterator's own state
+            self._iterator.set_state(state)
+            self._next = state.get("next_index", 0) if "next_index" in state else _batches_taken(state)
+            return
+        self.close()
+        self._next = int(state["batch"])
+        self._iterator = _iterate(self._batches[self._next:], self._num_workers, self._prefetch)
+
+    def close(self) -> None:
+        self._iterator.close()
+
+
+def _batches_taken(state: dict[str, Any]) -> int:
+    """The batches a worker iterator's (grain 0.2's ``mp_prefetch``) state has handed out: its workers take
+    batches in turn, each worker's state counting its own."""
+    return sum(int(s.get("next_index", 0)) for s in state.get("iterators_in_use_states", []))
+
+
 def make_train_iterator(
     cfg: DataConfig, *, seed: int, examples: int | None = None, process_index: int | None = None,
     process_count: int | None = None
-) -> grain.DatasetIterator:
+) -> TrainIterator:
     """An endless iterator over this process's batches; ``get_state()/set_state()`` resume it exactly.
 
     ``seed`` is the global seed: shuffle and flips derive from (seed, process index), and the order is
@@ -413,8 +454,7 @@ def make_train_iterator(
     order = _ShuffledIds(start, stride, per_process, shuffle_seed, size)
     # An endless dataset of batch numbers (its iterator's state is the next one, as with grain's own batching).
     make_batch = _MakeBatch(order, reader, flip_seed if cfg.random_flip else None)
-    ds = grain.MapDataset.range(sys.maxsize // size).map(make_batch)
-    iterator = _iterate(ds, workers, cfg.prefetch)
+    iterator = TrainIterator(grain.MapDataset.range(sys.maxsize // size).map(make_batch), workers, cfg.prefetch)
     if cache:
         _from_memory.add(iterator)
     return iterator

@@ -277,6 +277,32 @@ def test_worker_batches_leave_no_shared_memory_at_exit(small_npz: tuple[str, str
     assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]
 
 
+def test_a_resume_may_change_workers_and_cache(small_npz: tuple[str, str]) -> None:
+    """The state is the next batch's number: another reader (workers, the decoded split) continues exactly, and
+    a state grain's prefetch thread wrote (ddpm-eqx before 0.2) still resumes."""
+    it = iterator(small_cfg(small_npz), seed=4)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state == {"batch": 3}
+    expected = take(it, 4)
+    for changed in ({"num_workers": 1}, {"cache": True}):
+        resumed = iterator(small_cfg(small_npz, **changed), seed=4)
+        take(resumed, 1)  # already running: set_state moves it
+        resumed.set_state(state)
+        for a, b in zip(expected, take(resumed, 4), strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+        assert resumed.get_state() == {"batch": 7}
+    legacy = iterator(small_cfg(small_npz), seed=4)
+    legacy.set_state({"next_index": 3})
+    assert np.array_equal(take(legacy, 1)[0]["image"], expected[0]["image"]) and legacy.get_state() == {"batch": 4}
+    old = iterator(small_cfg(small_npz, num_workers=1), seed=4)
+    take(old, 3)
+    worker_state = json.loads(json.dumps(old._iterator.get_state()))  # what a worker iterator stored before 0.2
+    legacy = iterator(small_cfg(small_npz, num_workers=1), seed=4)
+    legacy.set_state(worker_state)
+    assert np.array_equal(take(legacy, 1)[0]["image"], expected[0]["image"]) and legacy.get_state() == {"batch": 4}
+
+
 def test_process_shards(small_npz: tuple[str, str]) -> None:
     cfg = small_cfg(small_npz)
     seen = []

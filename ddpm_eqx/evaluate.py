@@ -8,6 +8,7 @@ Inception weights when their file is available.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,8 @@ from jaxtyping import Float, UInt8
 from ddpm_eqx.classifier import FeatureReference, classifier_metrics, load_or_train_classifier, reference_statistics
 from ddpm_eqx.config import Config
 from ddpm_eqx.data import load_split_array, subset_ids, to_model_images
-from ddpm_eqx.data_prepare import data_dir_of
+from ddpm_eqx.data_import import DataError
+from ddpm_eqx.data_prepare import data_dir_of, prepare_dataset
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 
 Metric = Literal["classifier", "inception", "all"]
@@ -26,7 +28,25 @@ REFERENCE_EXAMPLES = 10_000
 
 
 def cache_dir(cfg: Config) -> Path:
-    return data_dir_of(cfg.data) / "ddpm_eqx_eval" / f"{Path(cfg.data.dataset).name}_{cfg.data.image_size}px_{cfg.data.channels}c"
+    """Where the classifier and the reference statistics of ``cfg``'s data are kept: keyed by the prepared
+    dataset itself (its folder, which for an import names its content, and its splits), so two datasets of one
+    name, or an edited image folder, never share them."""
+    info = prepare_dataset(cfg.data)
+    key = hashlib.sha256(f"{info.builder_dir}\n{sorted(info.splits.items())}".encode()).hexdigest()[:12]
+    name = f"{Path(cfg.data.dataset).name}_{cfg.data.image_size}px_{cfg.data.channels}c_{key}"
+    return data_dir_of(cfg.data) / "ddpm_eqx_eval" / name
+
+
+def check_labelled(cfg: Config) -> None:
+    """The classifier metric learns the dataset's classes: without labels (or with one class) it cannot."""
+    info = prepare_dataset(cfg.data)
+    if info.label_key is None or (info.num_classes is not None and info.num_classes < 2):
+        raise DataError(f"{cfg.data.dataset} has no class labels, which the classifier metric (fd_classifier, "
+                        "training.eval_every) learns from; use the Inception metric (eval --metric inception)")
+
+
+HELD_OUT = 0.1
+"""The share of the train split the classifier is tested on where the dataset has no test split."""
 
 
 def reference_images(
@@ -48,11 +68,19 @@ class ClassifierMetric:
 
         decoded: list[np.ndarray] = []  # the train split, when the classifier is trained on it here
 
+        check_labelled(cfg)
+
         def get_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             train = load_split_array(cfg.data, "train")
-            test = load_split_array(cfg.data, "test")
             decoded.append(train[0])
-            return train[0], train[1], test[0], test[1]
+            if "test" in prepare_dataset(cfg.data).splits:
+                test = load_split_array(cfg.data, "test")
+                return train[0], train[1], test[0], test[1]
+            # An imported folder or .npz has one split: the classifier is tested on a fixed tenth held out.
+            order = np.random.default_rng(0).permutation(train[0].shape[0])
+            cut = max(1, int(HELD_OUT * len(order)))
+            held, kept = np.sort(order[:cut]), np.sort(order[cut:])
+            return train[0][kept], train[1][kept], train[0][held], train[1][held]
 
         self.classifier, self.info = load_or_train_classifier(directory, Path(cfg.data.dataset).name, get_data)
         self.reference: FeatureReference = reference_statistics(
@@ -92,9 +120,16 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
     Inception weights file is reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
     if metric in ("classifier", "all"):
-        measure = ClassifierMetric(cfg)
-        results.update(measure(images, seed=seed))
-        results["classifier_test_accuracy"] = measure.info.test_accuracy
+        try:
+            check_labelled(cfg)
+        except DataError as e:
+            if metric == "classifier":
+                raise
+            results["classifier_unavailable"] = str(e)
+        else:
+            measure = ClassifierMetric(cfg)
+            results.update(measure(images, seed=seed))
+            results["classifier_test_accuracy"] = measure.info.test_accuracy
     if metric in ("inception", "all"):
         try:
             results.update(inception_metrics(cfg, images, fid_weights, seed=seed))

@@ -359,6 +359,10 @@ def validate_setup(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     info = prepare_dataset(cfg.data)
+    if cfg.training.eval_every:
+        from ddpm_eqx.evaluate import check_labelled
+
+        check_labelled(cfg)  # at the first evaluation would be hours in
     if cfg.model.num_classes is not None and info.num_classes is not None and cfg.model.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                           f"{info.num_classes} classes; set model.num_classes={info.num_classes}")

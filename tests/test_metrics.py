@@ -124,3 +124,57 @@ def test_kid_is_reproducible_with_seed() -> None:
     x, y = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
     a = kernel_inception_distance(x, y, num_subsets=5, subset_size=100, seed=3)
     assert a == kernel_inception_distance(x, y, num_subsets=5, subset_size=100, seed=3)
+
+
+# --- the evaluation's data: labels, splits, caches ------------------------------------------------------------
+
+
+def _npz_config(path, tmp_path, **data):  # noqa: ANN001, ANN202
+    from ddpm_eqx.config import Config, DataConfig
+
+    return Config(data=DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8, channels=1, **data))
+
+
+def test_the_classifier_metric_of_an_unlabelled_dataset_is_unavailable_not_an_untrained_net(tmp_path) -> None:
+    """One class gives a zero cross-entropy gradient: its 'features' would be the random initialisation's."""
+    from ddpm_eqx.data_import import DataError
+    from ddpm_eqx.evaluate import check_labelled, evaluate_images
+
+    np.savez(tmp_path / "faces.npz", image=np.random.default_rng(0).integers(0, 255, (40, 8, 8), np.uint8))
+    cfg = _npz_config(tmp_path / "faces.npz", tmp_path)
+    with pytest.raises(DataError, match="has no class labels.*--metric inception"):
+        check_labelled(cfg)
+    results = evaluate_images(cfg, np.zeros((4, 1, 8, 8), np.float32), metric="all", fid_weights=str(tmp_path / "no"))
+    assert "has no class labels" in results["classifier_unavailable"] and "fd_classifier" not in results
+    import dataclasses
+
+    from ddpm_eqx.config import ModelConfig, TrainingConfig
+    from ddpm_eqx.train import validate_setup
+
+    evaluating = dataclasses.replace(cfg, training=TrainingConfig(eval_every=100),
+                                     model=ModelConfig(dim=8, dim_mults=(1, 2), resnet_block_groups=4))
+    with pytest.raises(DataError, match="has no class labels"):  # before training, not at its first evaluation
+        validate_setup(evaluating)
+
+
+def test_a_dataset_without_a_test_split_tests_its_classifier_on_a_held_out_tenth(tmp_path) -> None:
+    from ddpm_eqx.evaluate import HELD_OUT, ClassifierMetric
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 2
+    images = np.where(labels[:, None, None] == 1, 220, 30).astype(np.uint8) + rng.integers(0, 20, (400, 8, 8), np.uint8)
+    np.savez(tmp_path / "two.npz", image=images, label=labels)  # a single .npz: one split, "train"
+    metric = ClassifierMetric(_npz_config(tmp_path / "two.npz", tmp_path))
+    assert metric.info.num_classes == 2 and metric.info.test_accuracy > 0.9  # an easy task, tested on held-out images
+    assert HELD_OUT == 0.1
+
+
+def test_evaluation_caches_are_keyed_by_the_dataset_not_its_name(tmp_path) -> None:
+    from ddpm_eqx.evaluate import cache_dir
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        np.savez(tmp_path / folder / "faces.npz", image=np.full((10, 8, 8), ord(folder), np.uint8))
+    first, second = (cache_dir(_npz_config(tmp_path / f / "faces.npz", tmp_path)) for f in ("a", "b"))
+    assert first != second and first.name.startswith("faces.npz_8px_1c_")
+    assert cache_dir(_npz_config(tmp_path / "a" / "faces.npz", tmp_path)) == first  # stable

@@ -29,7 +29,7 @@ from PIL import Image as PILImage
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-_FORMAT_VERSION = "2"  # bump when the layout of imported datasets changes: old imports are then redone
+_FORMAT_VERSION = "3"  # bump when imported datasets change (3: 16-bit grey scaled): old imports are then redone
 
 
 class DataError(ValueError):
@@ -168,6 +168,10 @@ def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
         im.load()
         if im.format in ("PNG", "JPEG") and im.mode == mode:
             return path.read_bytes()
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+            # 16-bit grey (PIL's I;16, or I holding such values): PIL's convert clips it to 255, so scale.
+            scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
+            return PILImage.fromarray(scaled, "L").convert(mode)
         if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
             background = PILImage.new("RGBA", im.size, (255, 255, 255, 255))
             return PILImage.alpha_composite(background, im.convert("RGBA")).convert("RGB")

@@ -390,6 +390,19 @@ def test_image_folder(tmp_path: Path) -> None:
         prepare_dataset(dataclasses.replace(cfg, dataset=str(tmp_path / "empty")))
 
 
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert("L") clips 16-bit grey at 255 (a 0..65535 ramp came out almost all white)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(folder / "ramp.png")  # a 16-bit greyscale PNG
+    with Image.open(folder / "ramp.png") as im:
+        assert im.mode.startswith("I")
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8, channels=1)
+    images, _ = load_split_array(cfg, "train")
+    np.testing.assert_array_equal(images[0, :, :, 0], np.rint(ramp / 257).astype(np.uint8))
+
+
 def test_npz_rgb_cifar(tmp_path: Path, shared_file: Callable[..., Path]) -> None:
     path = shared_file("cifar10_jpeg", "cifar10_jpeg_test.npz")
     with np.load(path) as npz:

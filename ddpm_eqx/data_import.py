@@ -168,7 +168,7 @@ def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
         im.load()
         if im.format in ("PNG", "JPEG") and im.mode == mode:
             return path.read_bytes()
-        if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
             # 16-bit grey (PIL's I;16, or I holding such values): PIL's convert clips it to 255, so scale.
             scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
             return PILImage.fromarray(scaled, "L").convert(mode)

@@ -273,10 +273,15 @@ def _mark_absl_flags_parsed() -> None:
 # first; grain's __del__ would then close again after its modules are gone, so disarm it.
 _prefetching: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
 _from_memory: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()  # see reads_from_memory
+_train_iterators: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
 
 
 @atexit.register
 def _close_prefetching() -> None:
+    # A TrainIterator still referenced (a script's global) lets go of Grain's iterators now, while their
+    # modules exist: worker iterators nest others whose __del__ would otherwise close them at teardown and fail.
+    for train_iterator in list(_train_iterators):
+        train_iterator.release()
     for it in list(_prefetching):
         it.close()
         it.close = lambda: None  # type: ignore[method-assign]
@@ -374,7 +379,8 @@ class TrainIterator:
     def __init__(self, batches: grain.MapDataset, num_workers: int, prefetch: int):
         self._batches, self._num_workers, self._prefetch = batches, num_workers, prefetch
         self._next = 0
-        self._iterator = _iterate(batches, num_workers, prefetch)
+        self._iterator: Any = _iterate(batches, num_workers, prefetch)
+        _train_iterators.add(self)
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -398,6 +404,11 @@ class TrainIterator:
 
     def close(self) -> None:
         self._iterator.close()
+
+    def release(self) -> None:
+        """Close, and drop Grain's iterators (at exit): a later ``next`` ends the iteration."""
+        self.close()
+        self._iterator = iter(())
 
 
 def _batches_taken(state: dict[str, Any]) -> int:

@@ -160,12 +160,16 @@ def _lock_workdir(workdir: Path) -> None:
     lock = open(workdir / ".lock", "a+")  # noqa: SIM115 (held open on purpose)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
         fail(f"{workdir} is in use by another ddpm-eqx train (pid {holder}); wait for it to end, stop it, or use "
              "another --workdir")
+    except OSError as e:  # a file system without locks (NFS without lockd: ENOLCK): train, unguarded
+        lock.close()
+        typer.echo(f"warning: cannot lock {workdir} ({e.strerror}); make sure no other train uses it", err=True)
+        return
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))

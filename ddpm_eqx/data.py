@@ -281,9 +281,11 @@ def _close_prefetching() -> None:
     # A TrainIterator still referenced (a script's global) lets go of Grain's iterators now, while their
     # modules exist: worker iterators nest others whose __del__ would otherwise close them at teardown and fail.
     for train_iterator in list(_train_iterators):
-        train_iterator.release()
+        with contextlib.suppress(Exception):  # one that fails to close must not keep the others open
+            train_iterator.release()
     for it in list(_prefetching):
-        it.close()
+        with contextlib.suppress(Exception):
+            it.close()
         it.close = lambda: None  # type: ignore[method-assign]
     _release_shared_memory()
 
@@ -394,13 +396,17 @@ class TrainIterator:
         return {"batch": self._next}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if "batch" not in state:  # written by ddpm-eqx before 0.2: the prefetching iterator's own state
-            self._iterator.set_state(state)
-            self._next = state.get("next_index", 0) if "next_index" in state else _batches_taken(state)
-            return
+        if "batch" in state:
+            batch = int(state["batch"])
+        elif "next_index" in state:  # ddpm-eqx before 0.2: grain's prefetch thread's (or plain) iterator state
+            batch = int(state["next_index"])
+        elif "iterators_in_use_states" in state:  # ... or its worker iterator's
+            batch = _batches_taken(state)
+        else:
+            raise DataError(f"the checkpoint's data-iterator state has unknown keys {sorted(state)}")
         self.close()
-        self._next = int(state["batch"])
-        self._iterator = _iterate(self._batches[self._next:], self._num_workers, self._prefetch)
+        self._next = batch
+        self._iterator = _iterate(self._batches[batch:], self._num_workers, self._prefetch)
 
     def close(self) -> None:
         self._iterator.close()
@@ -408,7 +414,15 @@ class TrainIterator:
     def release(self) -> None:
         """Close, and drop Grain's iterators (at exit): a later ``next`` ends the iteration."""
         self.close()
-        self._iterator = iter(())
+        self._iterator = _Exhausted()
+
+
+class _Exhausted:
+    def __next__(self) -> dict[str, np.ndarray]:
+        raise StopIteration
+
+    def close(self) -> None:
+        pass
 
 
 def _batches_taken(state: dict[str, Any]) -> int:

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _FORMAT_VERSION = "3"  # bump when imported datasets change (3: 16-bit grey scaled): old imports are then redone
 
 
@@ -168,8 +168,8 @@ def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
         im.load()
         if im.format in ("PNG", "JPEG") and im.mode == mode:
             return path.read_bytes()
-        if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
-            # 16-bit grey (PIL's I;16, or I holding such values): PIL's convert clips it to 255, so scale.
+        if im.mode.startswith("I"):
+            # 16-bit grey (PIL opens 16-bit PNGs as I;16, or I in older versions): convert clips it at 255.
             scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
             return PILImage.fromarray(scaled, "L").convert(mode)
         if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white

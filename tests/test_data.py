@@ -304,9 +304,17 @@ def test_a_resume_may_change_workers_and_cache(small_npz: tuple[str, str]) -> No
     old = iterator(small_cfg(small_npz, num_workers=1), seed=4)
     take(old, 3)
     worker_state = json.loads(json.dumps(old._iterator.get_state()))  # what a worker iterator stored before 0.2
-    legacy = iterator(small_cfg(small_npz, num_workers=1), seed=4)
-    legacy.set_state(worker_state)
-    assert np.array_equal(take(legacy, 1)[0]["image"], expected[0]["image"]) and legacy.get_state() == {"batch": 4}
+    for reader in ({"num_workers": 1}, {"num_workers": 0}):  # grain's own set_state would fail on the other kind
+        legacy = iterator(small_cfg(small_npz, **reader), seed=4)
+        legacy.set_state(worker_state)
+        assert np.array_equal(take(legacy, 1)[0]["image"], expected[0]["image"]) and legacy.get_state() == {"batch": 4}
+    with pytest.raises(DataError, match="unknown keys"):
+        legacy.set_state({"position": 3})
+    legacy.release()  # as at exit: the iteration ends, and closing or moving it again still works
+    assert next(legacy, None) is None
+    legacy.close()
+    legacy.set_state({"batch": 3})
+    assert np.array_equal(take(legacy, 1)[0]["image"], expected[0]["image"])
 
 
 def test_process_shards(small_npz: tuple[str, str]) -> None:

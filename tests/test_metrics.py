@@ -157,16 +157,27 @@ def test_the_classifier_metric_of_an_unlabelled_dataset_is_unavailable_not_an_un
         validate_setup(evaluating)
 
 
-def test_a_dataset_without_a_test_split_tests_its_classifier_on_a_held_out_tenth(tmp_path) -> None:
-    from ddpm_eqx.evaluate import HELD_OUT, ClassifierMetric
+def test_a_dataset_without_a_test_split_tests_its_classifier_on_a_held_out_tenth(tmp_path, monkeypatch) -> None:
+    import ddpm_eqx.evaluate as ev
 
     rng = np.random.default_rng(0)
     labels = np.arange(400) % 2
     images = np.where(labels[:, None, None] == 1, 220, 30).astype(np.uint8) + rng.integers(0, 20, (400, 8, 8), np.uint8)
     np.savez(tmp_path / "two.npz", image=images, label=labels)  # a single .npz: one split, "train"
-    metric = ClassifierMetric(_npz_config(tmp_path / "two.npz", tmp_path))
-    assert metric.info.num_classes == 2 and metric.info.test_accuracy > 0.9  # an easy task, tested on held-out images
-    assert HELD_OUT == 0.1
+    splits = []
+    train = ev.load_or_train_classifier
+
+    def spy(directory, name, get_data):  # noqa: ANN001, ANN202
+        splits.append(get_data())
+        return train(directory, name, lambda: splits[0])
+
+    monkeypatch.setattr(ev, "load_or_train_classifier", spy)
+    metric = ev.ClassifierMetric(_npz_config(tmp_path / "two.npz", tmp_path))
+    train_images, _, test_images, _ = splits[0]
+    assert (len(train_images), len(test_images)) == (360, 40)
+    seen = {image.tobytes() for image in train_images}
+    assert not any(image.tobytes() in seen for image in test_images)  # held out: none of them trained on
+    assert metric.info.num_classes == 2 and metric.info.test_accuracy > 0.9  # an easy task
 
 
 def test_evaluation_caches_are_keyed_by_the_dataset_not_its_name(tmp_path) -> None:

@@ -162,6 +162,23 @@ def test_a_workdir_in_use_by_another_trainer_is_refused(tmp_path, capsys):
     assert (workdir / "config.json").exists() and (workdir / ".lock").read_text() == str(os.getpid())
 
 
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Only another holder is a refusal; ENOLCK (NFS without lockd) must not make the workdir unusable."""
+    import errno
+    import fcntl
+
+    import cli
+    from ddpm_eqx.config import Config
+
+    def no_locks(*args):  # noqa: ANN002, ANN202
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cli._prepare_workdir(tmp_path / "run", Config(), force=False)
+    assert (tmp_path / "run" / "config.json").exists()
+    assert "warning: cannot lock" in capsys.readouterr().err
+
+
 def test_a_step_folder_names_its_run_and_step(tmp_path, monkeypatch):
     """``sample --ckpt`` and ``train --restore-from`` take <run>/checkpoints/<step> too (and expand ~)."""
     from ddpm_eqx.checkpoint import CheckpointError

@@ -20,6 +20,7 @@ from ddpm_eqx.config import Config
 from ddpm_eqx.data import load_split_array, subset_ids, to_model_images
 from ddpm_eqx.data_import import DataError
 from ddpm_eqx.data_prepare import data_dir_of, prepare_dataset
+from ddpm_eqx.images import to_uint8
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 
 Metric = Literal["classifier", "inception", "all"]
@@ -119,6 +120,8 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
     """All requested metrics of ``images`` (model layout, [-1, 1]). With ``metric="all"`` a missing
     Inception weights file is reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
+    # Scored as the 8-bit images a sample writes (pytorch-fid scores image files), as the reference images are.
+    images = to_model_images(to_uint8(images))
     if metric in ("classifier", "all"):
         try:
             check_labelled(cfg)

@@ -189,3 +189,16 @@ def test_evaluation_caches_are_keyed_by_the_dataset_not_its_name(tmp_path) -> No
     first, second = (cache_dir(_npz_config(tmp_path / f / "faces.npz", tmp_path)) for f in ("a", "b"))
     assert first != second and first.name.startswith("faces.npz_8px_1c_")
     assert cache_dir(_npz_config(tmp_path / "a" / "faces.npz", tmp_path)) == first  # stable
+
+
+def test_generated_images_are_scored_at_8_bits_like_the_reference_images(tmp_path, monkeypatch) -> None:
+    import ddpm_eqx.evaluate as ev
+    from ddpm_eqx.config import Config
+
+    scored = []
+    monkeypatch.setattr(ev, "inception_metrics", lambda cfg, images, weights, seed: scored.append(images) or {})
+    images = np.random.default_rng(0).uniform(-1.2, 1.2, (3, 1, 4, 4)).astype(np.float32)
+    ev.evaluate_images(Config(), images, metric="inception")
+    levels = (scored[0] + 1.0) * 127.5
+    np.testing.assert_allclose(levels, np.rint(levels), atol=1e-4)  # on the 256 levels of a PNG
+    np.testing.assert_allclose(scored[0], np.clip(images, -1, 1), atol=1 / 127.5)

@@ -1,3 +1,3 @@
 """ddpm-eqx: denoising diffusion (DDPM/DDIM) in JAX + Equinox."""
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"

@@ -155,20 +155,36 @@ def _seed_seq(seed: int, n: int) -> tuple[int, ...]:
 def _index_shuffle(
     index: Int64[np.ndarray, " n"], *, max_index: int, seed: int, rounds: int = 4
 ) -> Int64[np.ndarray, " n"]:
-    """``grain.experimental.index_shuffle`` of every element of ``index``, in NumPy.
+    """``grain.experimental.index_shuffle`` of every element of ``index``, in NumPy: a permutation of
+    [0, max_index].
 
-    Grain's permutation of [0, max_index] (its ``index_shuffle.cc``): a Simon-cipher Feistel network on a
-    block of at least 16 bits, keyed by ``std::seed_seq``, walked until it lands in range. Its C++ entry
-    point takes one index per Python call (~5 us each: 8 ms per batch of 1024); this does a batch in ~0.3 ms
-    and equals it index for index (``tests/test_data.py``), quirks included (a ``max_index`` that is a power of
-    two gets a block one bit short, as in grain). Shards under 2**14 examples, whose indices walk the minimal
-    16-bit block for long, and the rare index still walking after 32 rounds, are left to grain's C++, as is
-    everything where the installed grain no longer computes what this copies (:func:`_vectorised_is_grains`)."""
+    Grain's algorithm (its ``index_shuffle.cc``): a Simon-cipher Feistel network on a block of at least 16
+    bits, keyed by ``std::seed_seq``, walked until it lands in range. Its C++ entry point takes one index per
+    Python call (~5 us each: 8 ms per batch of 1024); this does a batch in ~0.3 ms and equals it index for
+    index (``tests/test_data.py``). Shards under 2**14 examples, whose indices walk the minimal 16-bit block
+    for long, and the rare index still walking after 32 rounds, are left to grain's C++, as is everything
+    where the installed grain no longer computes what this copies (:func:`_vectorised_is_grains`).
+
+    One departure: grain sizes its block by ``ceil(log2(max_index))``, one bit short when ``max_index`` is a
+    power of two, so where that power is even and at least 2**16 (shards of 65,537, 262,145, 1,048,577 ...
+    examples; also 2**32 + 1) the block cannot hold ``max_index``: grain's function is then no permutation
+    (one example is drawn twice an epoch, one never). There this uses the same cipher on a block wide
+    enough for ``max_index``, walked to the end in NumPy."""
     index = np.asarray(index, np.int64)
+    if max_index >= 2**14 and max_index >> _grains_block_bits(max_index):
+        bits = max_index.bit_length()
+        return _vectorised_index_shuffle(index, max_index, seed, rounds, block=max(bits + bits % 2, 16), own=True)
     # A minimal 16-bit block mostly out of range: long walks, cheaper in grain's C++.
     if max_index < 2**14 or not _vectorised_is_grains():
         return _grains_index_shuffle(index, max_index, seed, rounds)
-    return _vectorised_index_shuffle(index, max_index, seed, rounds)
+    return _vectorised_index_shuffle(index, max_index, seed, rounds, block=_grains_block_bits(max_index))
+
+
+def _grains_block_bits(max_index: int) -> int:
+    """The width of grain's cipher block for [0, max_index]: ``ceil(log2(max_index))`` taken through a double,
+    as its C++ does, rounded up to even, at least 16."""
+    bits = math.ceil(math.log2(float(max_index)))
+    return max(bits + bits % 2, 16)
 
 
 @functools.cache
@@ -178,7 +194,7 @@ def _vectorised_is_grains() -> bool:
     its own function everywhere: slower, but never an order that mixes the two (which could repeat examples)."""
     probe = np.arange(64, dtype=np.int64)
     for max_index, seed in ((20_000, 1), (99_999, 2**31 + 5), (2**24 + 3, 7)):
-        ours = _vectorised_index_shuffle(probe, max_index, seed, 4)
+        ours = _vectorised_index_shuffle(probe, max_index, seed, 4, block=_grains_block_bits(max_index))
         if not np.array_equal(ours, _grains_index_shuffle(probe, max_index, seed, 4)):
             warnings.warn("this grain's index_shuffle is not the one ddpm_eqx.data vectorises (grain 0.2.18's): "
                           "shuffling with grain's own, ~5 us an example", stacklevel=2)
@@ -186,9 +202,13 @@ def _vectorised_is_grains() -> bool:
     return True
 
 
-def _vectorised_index_shuffle(index: np.ndarray, max_index: int, seed: int, rounds: int) -> np.ndarray:
-    bits = math.ceil(math.log2(float(max_index)))  # as the C++, through a double
-    word = max(bits + bits % 2, 16) // 2  # half the block
+def _vectorised_index_shuffle(
+    index: np.ndarray, max_index: int, seed: int, rounds: int, *, block: int, own: bool = False
+) -> np.ndarray:
+    """Grain's cipher on a ``block``-bit block over an array of indices. Grain's block (``own=False``) hands
+    the few indices still walking after 32 rounds to grain's function, so that the walk stays grain's; our
+    own wider block (``own=True``, which holds ``max_index``) walks them to the end here."""
+    word = block // 2
     mask = np.uint64((1 << word) - 1)
     shift = np.uint64(word)
     keys = [np.uint64(k) & mask for k in _seed_seq(seed % 2**32, rounds)]
@@ -203,15 +223,18 @@ def _vectorised_index_shuffle(index: np.ndarray, max_index: int, seed: int, roun
             right ^= (rotl(left, 1) & rotl(left, 8)) ^ rotl(left, 2) ^ k2
         return (left << shift) | right
 
+    # Cycle walking: re-encrypt what fell outside [0, max_index] (at least 1/4 of it lands each time). On a
+    # block that holds max_index, a bijection of the block: every walk ends, and [0, max_index] is permuted.
     out = encrypt(index.astype(np.uint64))
     walking = np.flatnonzero(out > np.uint64(max_index))
-    for _ in range(32):  # cycle walking: re-encrypt what fell outside [0, max_index] (>= 1/4 of it lands each time)
-        if not walking.size:
-            break
+    rounds_walked = 0
+    while walking.size and (own or rounds_walked < 32):
         out[walking] = encrypt(out[walking])
         walking = walking[out[walking] > np.uint64(max_index)]
+        rounds_walked += 1
     out = out.astype(np.int64)
-    out[walking] = _grains_index_shuffle(index[walking], max_index, seed, rounds)  # the rare long walk
+    if walking.size:
+        out[walking] = _grains_index_shuffle(index[walking], max_index, seed, rounds)  # the rare long walk
     return out
 
 

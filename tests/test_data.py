@@ -154,15 +154,15 @@ def test_batches_take_grains_shuffled_order() -> None:
             np.testing.assert_array_equal(order(batch), np.asarray(reference[batch]), err_msg=f"{length=} {batch=}")
 
 
-@pytest.mark.parametrize("max_index", [0, 1, 2, 5, 255, 256, 257, 16_383, 16_384, 59_999, 65_535, 65_536, 65_537, 1_000_003,
-                                       2**32, 2**40 + 5, 2**62 + 9])
+@pytest.mark.parametrize("max_index", [0, 1, 2, 5, 255, 256, 257, 16_383, 16_384, 59_999, 65_535, 65_537, 131_072,
+                                       1_000_003, 2**32 - 1, 2**40 + 5, 2**61 + 9])
 def test_the_vectorised_permutation_is_grains_index_for_index(max_index: int) -> None:
     """``_index_shuffle`` reimplements grain's C++ ``index_shuffle`` (Simon cipher, ``std::seed_seq`` keys,
-    cycle walking) over arrays; every block size from 16 bits to 64, including grain's own quirk at powers of
-    two (65,536 gets a 16-bit block, so the values stay below it), and seeds at both ends of 32 bits."""
+    cycle walking) over arrays; block sizes from 16 bits to 64 (131,072 = 2**17: grain's one-bit-short block
+    rounded up to 18 bits, still wide enough), and seeds at both ends of 32 bits."""
     from grain.experimental import index_shuffle
 
-    from ddpm_eqx.data import _index_shuffle, _vectorised_index_shuffle, _vectorised_is_grains
+    from ddpm_eqx.data import _grains_block_bits, _index_shuffle, _vectorised_index_shuffle, _vectorised_is_grains
 
     assert _vectorised_is_grains()  # so _index_shuffle takes the vectorised path (above 2**14)
     ids = (np.arange(max_index + 1) if max_index < 70_000
@@ -172,8 +172,29 @@ def test_the_vectorised_permutation_is_grains_index_for_index(max_index: int) ->
         np.testing.assert_array_equal(_index_shuffle(ids, max_index=max_index, seed=seed), expected,
                                       err_msg=f"{seed=}")
         if max_index >= 2**14:  # the copy itself, not whatever _index_shuffle would fall back to
-            np.testing.assert_array_equal(_vectorised_index_shuffle(ids, max_index, seed, 4), expected,
-                                          err_msg=f"{seed=}")
+            copy = _vectorised_index_shuffle(ids, max_index, seed, 4, block=_grains_block_bits(max_index))
+            np.testing.assert_array_equal(copy, expected, err_msg=f"{seed=}")
+
+
+@pytest.mark.parametrize("length", [65_537, 262_145])
+def test_every_shard_length_is_permuted_where_grains_block_is_one_bit_short(length: int) -> None:
+    """Grain 0.2.18 sizes its block by ceil(log2(max_index)): for max_index = 2**16, 2**18, ... that block
+    cannot hold max_index, and its function maps the shard into one value fewer (an example twice an epoch,
+    one never). Those lengths get a block wide enough: every epoch is a permutation of the shard (each example
+    once), other lengths keep grain's order (above)."""
+    from grain.experimental import index_shuffle
+
+    from ddpm_eqx.data import _ShuffledIds
+
+    max_index = length - 1
+    grains = {index_shuffle(i, max_index=max_index, seed=5, rounds=4) for i in range(0, length, 7)}
+    assert max(grains) < max_index  # what is mended: grain never reaches the last example
+
+    order = _ShuffledIds(start=3, stride=2, length=length, seed=2**32 - 1, size=4096)
+    epoch = np.concatenate([order(b) for b in range(2 * length // 4096 + 1)])
+    for e in range(2):  # both epochs (their seeds wrap past 2**32), and the batch across their boundary
+        np.testing.assert_array_equal(np.sort(epoch[e * length:(e + 1) * length]), 3 + 2 * np.arange(length))
+    assert not np.array_equal(epoch[:length], epoch[length:2 * length])
 
 
 def test_a_grain_whose_index_shuffle_changed_shuffles_with_its_own(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,11 +93,15 @@ def init_state(model: PyTree, optimizer: optax.GradientTransformation) -> TrainS
 
 
 def ema_decay(cfg: EMAConfig, step: Int[Array, ""]) -> Float[Array, ""]:
-    """The weight kept of the old EMA at ``step`` (0: copy the model, 1: leave the EMA as it is)."""
-    epoch = jnp.maximum(step - cfg.update_after_step - 1, 0).astype(jnp.float32)
+    """The weight kept of the old EMA in the update after ``step`` earlier ones (0: copy the model, 1: leave
+    the EMA as it is), as lucidrains' ema-pytorch ``EMA.update`` (which denoising-diffusion-pytorch uses): an
+    update every ``update_every`` steps; copies up to ``update_after_step``, and once more at the first update
+    after it (ema-pytorch's ``initted`` copy); then the warm-up decay of ``epoch = step - update_after_step``
+    (ema-pytorch reads its counter after counting the update), capped at ``beta``."""
+    epoch = jnp.maximum(step - cfg.update_after_step, 0).astype(jnp.float32)
     warm = 1.0 - (1.0 + epoch / cfg.inv_gamma) ** -cfg.power
-    decay = jnp.where(epoch <= 0, 0.0, jnp.clip(warm, cfg.min_value, cfg.beta))
-    decay = jnp.where(step <= cfg.update_after_step, 0.0, decay)
+    decay = jnp.clip(warm, cfg.min_value, cfg.beta)
+    decay = jnp.where(step <= cfg.update_after_step + cfg.update_every, 0.0, decay)
     return jnp.where(step % cfg.update_every != 0, 1.0, decay)
 
 

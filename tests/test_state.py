@@ -10,23 +10,50 @@ from ddpm_eqx.config import EMAConfig, OptimConfig
 from ddpm_eqx.state import ema_decay, ema_update, learning_rate_schedule, make_optimizer
 
 
-def reference_decay(cfg: EMAConfig, step: int) -> float:
-    """ema-pytorch's rule, written out in plain Python."""
-    if step % cfg.update_every:
-        return 1.0  # no update at this step
-    if step <= cfg.update_after_step:
-        return 0.0  # copy the model
-    epoch = max(step - cfg.update_after_step - 1, 0)
-    if epoch <= 0:
-        return 0.0
-    value = 1 - (1 + epoch / cfg.inv_gamma) ** -cfg.power
-    return min(max(value, cfg.min_value), cfg.beta)
+class ReferenceEMA:
+    """lucidrains/ema-pytorch's ``EMA.update`` and ``get_current_decay``, transcribed line by line onto a
+    scalar "model": the counter is read before it is incremented to decide whether to update or copy, and
+    after it (inside ``get_current_decay``) for the warm-up."""
+
+    def __init__(self, cfg: EMAConfig):
+        self.cfg, self.step, self.initted, self.ema = cfg, 0, False, None
+
+    def get_current_decay(self) -> float:
+        epoch = max(self.step - self.cfg.update_after_step - 1, 0.0)
+        value = 1 - (1 + epoch / self.cfg.inv_gamma) ** -self.cfg.power
+        if epoch <= 0:
+            return 0.0
+        return min(max(value, self.cfg.min_value), self.cfg.beta)
+
+    def update(self, model: float) -> None:
+        step = self.step
+        self.step += 1
+        if step % self.cfg.update_every != 0:
+            return
+        if step <= self.cfg.update_after_step:
+            self.ema = model  # copy_params_from_model_to_ema
+            return
+        if not self.initted:
+            self.ema, self.initted = model, True
+        decay = self.get_current_decay()
+        self.ema = self.ema + (model - self.ema) * (1 - decay)  # lerp_(model, 1 - decay)
 
 
 @pytest.mark.parametrize("cfg", [EMAConfig(), EMAConfig(beta=0.9999, update_every=1, update_after_step=5, power=0.75)])
 def test_ema_decay_matches_reference(cfg):
-    for step in [0, 1, 5, 6, 7, 10, 20, 100, 101, 110, 111, 250, 1000, 12_000, 10**6]:
-        assert float(ema_decay(cfg, jnp.int32(step))) == pytest.approx(reference_decay(cfg, step), rel=1e-6, abs=1e-7)
+    """The EMA of a model whose single weight is the step number, updated after every optimizer step as
+    ema-pytorch is, equals ema-pytorch's at every step (copy, skipped steps, warm-up, the beta cap)."""
+    reference, ema = ReferenceEMA(cfg), jnp.zeros((), jnp.float32)
+    update = jax.jit(lambda ema, model, step: ema_update(cfg, ema, model, step))
+    for step in range(1, 1_301):  # the optimizer's step-th update; state.step counts the ones before it
+        model = jnp.float32(step) ** 1.5
+        reference.update(float(model))
+        ema = update(ema, model, jnp.int32(step - 1))
+        assert float(ema) == pytest.approx(reference.ema, rel=2e-6), f"{step=}"
+    for step in (12_000, 10**6):  # far out: the decay reaches cfg.beta
+        reference.step = step
+        expected = 1.0 if step % cfg.update_every else reference.get_current_decay()
+        assert float(ema_decay(cfg, jnp.int32(step))) == pytest.approx(expected, rel=1e-6)
 
 
 def test_ema_update_copies_keeps_and_mixes_exactly():

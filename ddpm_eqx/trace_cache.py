@@ -30,10 +30,9 @@ from typing import Any, Callable, Sequence
 import jax
 from jax import export
 
+from ddpm_eqx import _source
 from ddpm_eqx.environment import describe
 from ddpm_eqx.logging_utils import log
-
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def enabled() -> bool:
@@ -49,11 +48,11 @@ def default_directory() -> Path | None:
 
 @functools.cache
 def _source_digest() -> str:
-    """The package's source, read once per process (each stored program's key needs it, and the code this
-    process runs is what it imported, not what a later edit on disk says)."""
+    """The package's source, read once per process (each stored program's key needs it). It is the code this
+    process runs only while the files are as they were at import: :func:`stored_program` checks that."""
     digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(_source.PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(_source.PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -107,11 +106,16 @@ def stored_program(
     """``fn`` as a jitted callable that runs its program for ``args``'s shapes, dtypes and shardings, read from
     ``directory`` or traced now and stored there (:func:`load_or_export`; ``name`` with spaces in the log, with
     underscores in the file name). None, with a warning, where ``jax.export`` refuses ``fn`` (e.g. a custom call
-    it cannot serialise on this backend): the caller then traces it in every process as before.
+    it cannot serialise on this backend), or where the package's source files changed on disk since this
+    process imported them: the caller then traces it as without the cache.
 
     ``on_trace`` is called whenever JAX traces the returned callable (a compile; the program itself is not
     traced again).
     """
+    if not _source.unchanged():
+        log.warning("ddpm_eqx's source files changed after this process imported them: the %s is traced, not "
+                    "read or stored (a stored program is keyed by the source on disk)", name)
+        return None
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, tuple(args))
     try:
         exported, loaded = load_or_export(name.replace(" ", "_"), fn, args, determines=determines,

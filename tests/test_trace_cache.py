@@ -110,6 +110,41 @@ def test_the_key_covers_config_arguments_source_and_environment(monkeypatch):
     assert len({key, *changed}) == len(changed) + 1, [k == key for k in changed]
 
 
+def test_the_source_stamp_sees_a_file_written_added_or_removed(tmp_path):
+    from ddpm_eqx import _source
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = _source.stamp(tmp_path)
+    assert _source.stamp(tmp_path) == before
+    (tmp_path / "a.py").write_text("x = 22\n")
+    written = _source.stamp(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("")
+    added = _source.stamp(tmp_path)
+    (tmp_path / "a.py").unlink()
+    assert len({before, written, added, _source.stamp(tmp_path)}) == 4
+    assert _source.unchanged()  # the package itself, as imported
+
+
+def test_source_edited_after_import_is_traced_not_read_or_stored(tmp_path, monkeypatch, caplog):
+    """The key reads the source on disk; where it is no longer what this process imported (a notebook that
+    edits a module, an editor saving during start-up), the program in memory would be stored under the
+    edited code's key (and read back by every later run of it): it is traced as without the cache."""
+    from ddpm_eqx import _source
+
+    directory = tmp_path / "traces"
+    args = (jnp.arange(3.0),)
+    monkeypatch.setattr(_source, "AT_IMPORT", ())  # as if every file had been written since the import
+    with caplog.at_level(logging.WARNING, logger="ddpm_eqx"):
+        program = trace_cache.stored_program("double", lambda x: 2 * x, args, determines="", directory=directory)
+    assert program is None and not directory.exists()
+    assert "changed after this process imported them" in caplog.text
+    monkeypatch.undo()
+    program = trace_cache.stored_program("double", lambda x: 2 * x, args, determines="", directory=directory)
+    assert program is not None and len(list(directory.iterdir())) == 1
+    np.testing.assert_array_equal(program(*args), [0.0, 2.0, 4.0])
+
+
 def test_off_with_the_environment_variable(monkeypatch):
     monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "0")
     assert not trace_cache.enabled() and trace_cache.default_directory() is None

@@ -76,13 +76,14 @@ def _fail_if_out_of_memory(e: RuntimeError, what: str, fix: str) -> None:
 
 
 def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_processes: Optional[int],
-                  process_id: Optional[int]) -> None:
-    """Device count on CPU and multi-process start-up; must run before JAX touches a backend."""
+                  process_id: Optional[int], *, batch: Optional[int] = None) -> None:
+    """Device count on CPU and multi-process start-up; must run before JAX touches a backend. ``batch``: what
+    each of this process's steps splits across its devices (the default count divides it)."""
     if host_devices is not None and host_devices < 1:
         fail(f"--host-devices {host_devices}: give a positive number of devices (default: one per core)", 2)
     from ddpm_eqx.parallel import set_host_device_count
 
-    set_host_device_count(host_devices)
+    set_host_device_count(host_devices, batch=batch)
     import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -234,7 +235,8 @@ def train(
     workdir: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<dataset>)")] = None,
     restore_from: Annotated[Optional[str], typer.Option(help="Another run's folder, or wandb:ENTITY/PROJECT/NAME:V")] = None,
     force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
-    host_devices: Annotated[Optional[int], typer.Option(help="XLA devices to split a CPU into (default: cores)")] = None,
+    host_devices: Annotated[Optional[int], typer.Option(
+        help="XLA devices to split a CPU into (default: the cores, or the most of them that divide the batch)")] = None,
     coordinator: Annotated[Optional[str], typer.Option(help="Multi-process: coordinator host:port")] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="Multi-process: process count")] = None,
     process_id: Annotated[Optional[int], typer.Option(help="Multi-process: this process's index")] = None,
@@ -247,7 +249,9 @@ def train(
         cfg = resolve_config(dataset, config, set_ or [])
     except ConfigError as e:
         fail(str(e), 2)
-    _init_runtime(host_devices, coordinator, num_processes, process_id)
+    processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES") or 1)
+    split, rest = divmod(cfg.data.batch_size, processes * cfg.training.grad_accum_steps)
+    _init_runtime(host_devices, coordinator, num_processes, process_id, batch=None if rest else split)
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx import trace_cache

@@ -11,6 +11,7 @@ The mesh axis is ``Auto`` (not the 0.10 default ``Explicit``), so ordinary code 
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import mmap
 import os
 import warnings
@@ -34,15 +35,50 @@ T = TypeVar("T")
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 
-def set_host_device_count(count: int | None) -> None:
-    """Split the CPU into ``count`` XLA devices (default: one per core) and set :data:`CPU_XLA_FLAGS`.
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask (``taskset``, a batch scheduler's cpuset), capped by
+    the cgroup's CPU quota where one is set (a container's ``--cpus``; v2 ``cpu.max``, v1 ``cpu.cfs_*``).
+    ``os.cpu_count()`` is the machine's, whatever this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            text = (cgroup / quota_file).read_text().split()
+            quota, period = text[0], text[1] if period_file is None else (cgroup / period_file).read_text().strip()
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(cores, 1)
+
+
+def default_host_devices(batch: int | None = None, *, cores: int | None = None) -> int:
+    """One XLA:CPU device per available core (:func:`available_cores`); for a batch that ``cores`` does not
+    divide, the most devices that do (a 6-core machine trains a batch of 32 on 4), so a config that runs on
+    one machine is not refused on another for its core count."""
+    cores = cores or available_cores()
+    if not batch:
+        return cores
+    return max(d for d in range(1, cores + 1) if batch % d == 0)
+
+
+def set_host_device_count(count: int | None, *, batch: int | None = None) -> None:
+    """Split the CPU into ``count`` XLA devices and set :data:`CPU_XLA_FLAGS`. Without a ``count``: the user's
+    own ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` where there is one, else
+    :func:`default_host_devices` for ``batch`` (what each step splits across this process's devices).
 
     Must run before JAX starts a backend. Flags already in ``XLA_FLAGS`` win over ours. On a CPU,
     host devices are how all cores get used: one XLA:CPU device keeps ~1.4-1.8 of 2 cores busy.
     """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    users = [f for f in flags if f.startswith("--xla_force_host_platform_device_count=")]
+    if count is None and users and users[-1].partition("=")[2].isdigit():
+        count = int(users[-1].partition("=")[2])
     if count is None:
-        count = os.cpu_count() or 1
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        count = default_host_devices(batch)
+    flags = [f for f in flags if "host_platform_device_count" not in f]
     ours = [f for f in CPU_XLA_FLAGS if not any(g.split("=")[0] == f.split("=")[0] for g in flags)]
     unknown = [f for f in ours if not xla_knows(f)]
     if unknown:
@@ -152,4 +188,5 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 __all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "shard_batch", "batch_sharded", "gather",
-           "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows"]
+           "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows",
+           "available_cores", "default_host_devices"]

@@ -51,6 +51,40 @@ def test_host_device_flags_keep_the_users_own(monkeypatch):
     assert f"{name}=" in flags and CPU_XLA_FLAGS[0] not in flags
 
 
+def test_the_default_device_count_divides_the_batch_and_follows_the_cores_this_process_may_use(
+        monkeypatch, tmp_path):
+    """One device per usable core; a batch those do not divide gets the most devices that do (a 6-core machine
+    ran the shipped CPU config, batch 32, only with --host-devices); the affinity mask and a container's CPU
+    quota (cgroup v2 and v1) count, not the machine's cores; a count the user set in XLA_FLAGS is kept."""
+    from ddpm_eqx import parallel
+
+    assert [parallel.default_host_devices(32, cores=c) for c in (1, 2, 3, 4, 5, 6, 8, 12)] == [1, 2, 2, 4, 4, 4, 8, 8]
+    assert parallel.default_host_devices(None, cores=6) == 6 and parallel.default_host_devices(7, cores=6) == 1
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert parallel.available_cores(tmp_path) == 8  # affinity, not the machine's 64
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker --cpus 2.5 (cgroup v2)
+    assert parallel.available_cores(tmp_path) == 3
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert parallel.available_cores(tmp_path) == 8
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert parallel.available_cores(tmp_path) == 2
+
+    monkeypatch.setattr(parallel, "available_cores", lambda: 6)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    parallel.set_host_device_count(None, batch=32)
+    assert "--xla_force_host_platform_device_count=4" in os.environ["XLA_FLAGS"].split()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    parallel.set_host_device_count(None, batch=32)  # the user's own count stays
+    assert "--xla_force_host_platform_device_count=3" in os.environ["XLA_FLAGS"].split()
+    parallel.set_host_device_count(2)  # --host-devices wins over it
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=2" in flags and not any(f.endswith("=3") for f in flags)
+
+
 def test_flags_another_jaxlib_lacks_are_left_out_not_fatal(monkeypatch):
     """XLA aborts the process on a flag it does not know (`Unknown flag in XLA_FLAGS`), and our CPU flag is an
     experimental one: with a jaxlib other than the one it was measured on, it is looked up in jaxlib's libraries

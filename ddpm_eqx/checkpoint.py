@@ -253,14 +253,16 @@ class Checkpointer:
         kept = f"checkpoint step {good[-1]} is intact" if good else "no earlier checkpoint exists"
         return CheckpointError(f"could not write {what}: {reason}; {_fix_for(reason)} and resume ({kept})")
 
-    def quarantine_after(self, step: int) -> list[Path]:
-        """Move unreadable checkpoints newer than ``step`` aside (never delete), so training can redo them."""
+    def quarantine_after(self, step: int, *, folder: str = "checkpoints_unreadable",
+                         why: str = "unreadable") -> list[Path]:
+        """Move the checkpoints newer than ``step`` aside into ``<run>/<folder>/<step>-<time>`` (never delete),
+        so training redoes them: unreadable ones, or ones whose parameters give a non-finite loss."""
         moved = []
         for bad in [s for s in self.all_steps() if s > step]:
-            target = self.directory.parent / "checkpoints_unreadable" / f"{bad}-{int(time.time())}"
+            target = self.directory.parent / folder / f"{bad}-{int(time.time())}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(bad)), target)
-            log.warning("moved unreadable checkpoint %s/%d to %s", self.directory, bad, target)
+            log.warning("moved %s checkpoint %s/%d to %s", why, self.directory, bad, target)
             moved.append(target)
         if moved:
             self.manager.reload()

@@ -277,11 +277,21 @@ def _resolve_restore_from(restore_from: str | Path) -> tuple[Path, int | None]:
 
 
 def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> None:
-    if pending is not None and not _is_finite(pending[1]):
-        steps = ckpt.all_steps()
-        last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
-        raise NonFiniteLossError(f"loss is {float(pending[1])} at step {pending[0]}; {last}. "
-                                 "Lower optim.lr or set optim.grad_clip, then resume with --force.")
+    """Stop at a non-finite loss. Step k's loss is computed from the parameters of step k - 1, which may have
+    been saved already (a save is checked against the loss before it): that checkpoint is moved aside to
+    ``checkpoints_nonfinite/`` (kept, never deleted), so that the resume the message advises starts from
+    parameters whose loss was finite, not from the ones that gave this one."""
+    if pending is None or _is_finite(pending[1]):
+        return
+    step = pending[0]
+    ckpt.wait()  # a save of step - 1 still being written
+    moved = ckpt.quarantine_after(step - 2, folder="checkpoints_nonfinite", why="non-finite-loss") if (
+        jax.process_index() == 0) else []
+    steps = [s for s in ckpt.all_steps() if s < step - 1]
+    cause = f" (from step {step - 1}'s parameters, whose checkpoint moved to {moved[0]})" if moved else ""
+    last = f"the last good checkpoint is step {steps[-1]}" if steps else "no good checkpoint remains"
+    raise NonFiniteLossError(f"loss is {float(pending[1])} at step {step}{cause}; {last}. "
+                             "Lower optim.lr or set optim.grad_clip, then resume with --force.")
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config,

@@ -241,17 +241,32 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_deleted(reference_r
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fashion_mnist_data_dir, tmp_path):
+def test_nan_loss_stops_naming_a_good_checkpoint_and_the_advised_resume_trains(fashion_mnist_data_dir, tmp_path):
+    """Step k's loss comes from step k - 1's parameters, whose checkpoint may be on disk already: it is moved
+    aside (kept), and the step named as good is one whose parameters gave a finite loss, so that the resume the
+    message advises (a lower lr, --force) trains on instead of meeting the same NaN."""
+    import json
+
     workdir = tmp_path / "nan"
-    result = _run(_train_args(fashion_mnist_data_dir, workdir, 200, "optim.lr=1e30", "training.loss_type=l2",
-                              "training.save_and_sample_every=1"), tmp_path)
-    _one_line_error(result, 1, "at step", "the last good checkpoint is step", "Lower optim.lr")
+    # The lr warms up from 0 (the first update leaves the model as it was), then 1e30 blows it up.
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=100", "training.loss_type=l2", "training.save_and_sample_every=1"]
+    result = _run(_train_args(fashion_mnist_data_dir, workdir, 200, *blow_up), tmp_path)
+    _one_line_error(result, 1, "at step", "the last good checkpoint is step", "Lower optim.lr", "resume with --force")
     message = [line for line in result.stderr.splitlines() if line.startswith("error: ")][0]
-    bad_step = int(message.split("at step ")[1].split(";")[0])
+    bad_step = int(message.split("at step ")[1].split(" ")[0])
+    assert bad_step >= 3 and f"the last good checkpoint is step {bad_step - 2}." in message, message
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] == bad_step - 1  # every step before the bad one was saved, not the bad one
-    params = _final_params(workdir, steps[-1])
-    assert all(np.isfinite(x).all() for x in params if np.issubdtype(x.dtype, np.floating))
+    assert steps[-1] == bad_step - 2  # the one that gave the NaN is no longer a step to resume from ...
+    [moved] = list((workdir / "checkpoints_nonfinite").iterdir())  # ... but kept
+    assert moved.name.startswith(f"{bad_step - 1}-") and str(moved) in message
+
+    resumed = _run(_train_args(fashion_mnist_data_dir, workdir, bad_step + 4, "optim.lr=1e-4",
+                               "training.loss_type=l2", "training.save_and_sample_every=1") + ["--force"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {bad_step - 2}" in resumed.stderr  # resumed from the step the message named
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    after = [row["loss"] for row in rows if "loss" in row and row["step"] > bad_step - 2]
+    assert after and np.isfinite(after).all(), after
 
 
 def test_sample_rejects_a_checkpoint_of_another_model(reference_run, tmp_path):

@@ -48,14 +48,22 @@ def _wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def duration(seconds: float) -> str:
+    """``H:MM:SS``, the hours counted on past a day (a 700k-step run's 38.9 h is 38:54:00, not 14:54:00)."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B."""
 
-    def __init__(self, workdir: Path, run: Any, *, total_steps: int, start_step: int, progress: bool | None = None):
+    def __init__(self, workdir: Path, run: Any, *, total_steps: int, start_step: int, progress: bool | None = None,
+                 log_train: bool = True):
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
         self._truncate_after(start_step)
         self.run = run
+        self.log_train = log_train  # wandb.log_train: the rows go to W&B too (metrics.jsonl has them either way)
         self.total = total_steps
         self.bar = None
         if progress if progress is not None else sys.stderr.isatty():
@@ -79,18 +87,21 @@ class MetricsWriter:
         write_text_atomic(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, float], *, batch_size: int,
-              data_wait_s: float | None = None) -> dict[str, float | int]:
+              data_wait_s: float | None = None, paused_s: float = 0.0) -> dict[str, float | int]:
         """One row: ``metrics`` with the throughput since the previous row and, given the seconds spent waiting
-        for batches since then, ``data_wait``: that share of the time (near 1: the input pipeline is the limit)."""
+        for batches since then, ``data_wait``: that share of the time (near 1: the input pipeline is the limit).
+        ``paused_s``: seconds of that time spent on other things than training (checkpoints, sample grids,
+        evaluations), left out of both."""
         now, (then, then_step) = time.perf_counter(), self._last
         self._last = (now, step)
-        rate = (step - then_step) / max(now - then, 1e-9)
+        elapsed = max(now - then - paused_s, 1e-9)
+        rate = (step - then_step) / elapsed
         record = {"step": step, **metrics, "steps_per_s": rate, "images_per_s": rate * batch_size}
         if data_wait_s is not None:
-            record["data_wait"] = min(data_wait_s / max(now - then, 1e-9), 1.0)
+            record["data_wait"] = min(data_wait_s / elapsed, 1.0)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.run is not None:
+        if self.run is not None and self.log_train:
             self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -98,7 +109,7 @@ class MetricsWriter:
         else:
             eta = (self.total - step) / max(rate, 1e-9)
             log.info("step %d/%d loss %.4f  %.2f steps/s  eta %s", step, self.total, metrics["loss"], rate,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     duration(eta))
         return record
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:

@@ -133,7 +133,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
     run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
-                           total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False)
+                           total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False,
+                           log_train=cfg.wandb.log_train)
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d, malloc %s", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
@@ -141,6 +142,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
     data_wait, input_bound_said = 0.0, False  # seconds in next(iterator) since the last metrics row
+    paused, window = 0.0, []  # seconds on checkpoints, grids and evaluations; each step's metrics, since then
     try:
         while step < cfg.training.num_train_steps and stop.signal is None:
             t_data = time.perf_counter()
@@ -151,26 +153,33 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
             # Check the previous step's loss while this one runs: exact, without stalling dispatch.
             _check_loss(pending, ckpt)
             state, step, pending = new_state, step + 1, (step + 1, metrics["loss"])
+            window.append(metrics)
             if step in (estimate_at - 1, estimate_at):  # the first steps after compilation, timed
                 jax.block_until_ready(metrics["loss"])
                 if step == estimate_at:
                     _log_estimate(cfg, time.perf_counter() - t_est, step)
                 t_est = time.perf_counter()
             if step % cfg.training.log_every_steps == 0 or step == cfg.training.num_train_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                record = writer.write(step, values, batch_size=cfg.data.batch_size, data_wait_s=data_wait)
+                record = writer.write(step, window_means(jax.device_get(window)), batch_size=cfg.data.batch_size,
+                                      data_wait_s=data_wait, paused_s=paused)
                 # Once per run, and not over the first row's steps, whose time is mostly compiling.
                 if not input_bound_said and step - start > cfg.training.log_every_steps:
                     input_bound_said = _warn_if_input_bound(cfg, record["data_wait"], reads_from_memory(iterator))
-                data_wait = 0.0
-            if step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps:
-                _check_loss(pending, ckpt)
-                _save(ckpt, step, state, iterator, cfg, environment)
-                if cfg.training.num_sample:
-                    _sample_grid(cfg, sampler, state, step, workdir, run)
-            if cfg.training.eval_every and step % cfg.training.eval_every == 0:
-                evaluator = evaluator or _Evaluator(cfg)
-                writer.write_eval(step, evaluator(sampler, state))
+                data_wait, paused, window = 0.0, 0.0, []
+            save = step % cfg.training.save_and_sample_every == 0 or step == cfg.training.num_train_steps
+            evaluate = bool(cfg.training.eval_every) and step % cfg.training.eval_every == 0
+            if save or evaluate:
+                jax.block_until_ready(state)  # the steps so far count as training time, what follows does not
+                t_pause = time.perf_counter()
+                if save:
+                    _check_loss(pending, ckpt)
+                    _save(ckpt, step, state, iterator, cfg, environment)
+                    if cfg.training.num_sample:
+                        _sample_grid(cfg, sampler, state, step, workdir, run)
+                if evaluate:
+                    evaluator = evaluator or _Evaluator(cfg)
+                    writer.write_eval(step, evaluator(sampler, state))
+                paused += time.perf_counter() - t_pause
         _check_loss(pending, ckpt)
         if stop.signal is not None and step not in ckpt.all_steps():
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
@@ -189,6 +198,12 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
         raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
     return TrainResult(state, step, stop.signal is not None, train_step.traces)
+
+
+def window_means(window: list[dict[str, Any]]) -> dict[str, float]:
+    """A metrics row from the steps since the previous one (as the seed's ``get_metrics(...).mean()``): the
+    mean of each metric over them, but the learning rate of the last (the one the row's step used)."""
+    return {k: float(window[-1][k]) if k == "lr" else float(np.mean([m[k] for m in window])) for k in window[-1]}
 
 
 INPUT_BOUND = 0.3

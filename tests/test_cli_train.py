@@ -36,6 +36,24 @@ def test_train_writes_checkpoints_metrics_samples_and_config(reference_run):
 
 
 @pytest.mark.slow
+def test_a_metrics_row_averages_the_steps_since_the_previous_one(reference_run, fashion_mnist_data_dir, tmp_path):
+    """The reference run logs every 2 steps; the same run logging every step shows each step's loss: a row of
+    the reference is the mean of its two steps (as the seed's rows), not the last step's value."""
+    from _cli import SAMPLES
+
+    workdir = tmp_path / "every_step"
+    _train(fashion_mnist_data_dir, workdir, 8, tmp_path, SAMPLES, "training.log_every_steps=1")
+    each = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in (reference_run[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8] and sorted(each) == list(range(1, 9))
+    for row in rows:
+        for key in ("loss", "grad_norm"):
+            pair = [each[row["step"] - 1][key], each[row["step"]][key]]
+            assert row[key] == pytest.approx(np.mean(pair), rel=1e-6), (row["step"], key, pair)
+        assert row["lr"] == each[row["step"]]["lr"]
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_under_glibc_is_bitwise_the_uninterrupted_run(reference_run, fashion_mnist_data_dir,
                                                                           tmp_path):
     """Also the allocator's equivalence test: this run (killed, resumed) uses glibc's malloc, the reference

@@ -98,3 +98,40 @@ def test_metrics_of_a_resumed_run_keep_each_step_once_and_drop_a_torn_line(tmp_p
     assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[3]]
     writer.write(6, {"loss": 0.5}, batch_size=8)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 4, 6]
+
+
+def test_a_metrics_row_leaves_out_pauses_and_follows_wandb_log_train(tmp_path, monkeypatch):
+    """Throughput and the data-wait share are over training time (a checkpoint, grid or evaluation in the
+    window is not a slow step); ``wandb.log_train=false`` keeps the rows out of W&B (the seed's switch); the
+    ETA counts hours past a day."""
+    import json
+
+    from ddpm_eqx import logging_utils
+    from ddpm_eqx.logging_utils import MetricsWriter, duration
+
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr(logging_utils.time, "perf_counter", lambda: next(clock))
+
+    class Run:
+        logged: list[dict] = []
+
+        def log(self, values: dict, step: int) -> None:
+            self.logged.append(values)
+
+    run = Run()
+    writer = MetricsWriter(tmp_path, run, total_steps=1000, start_step=0, progress=False, log_train=False)
+    record = writer.write(10, {"loss": 0.5}, batch_size=8, data_wait_s=1.0, paused_s=6.0)
+    assert record["steps_per_s"] == pytest.approx(10 / 4) and record["data_wait"] == pytest.approx(1 / 4)
+    writer.log_train = True
+    writer.write(20, {"loss": 0.4}, batch_size=8)  # 20 s, no pause
+    assert [row["steps_per_s"] for row in map(json.loads, (tmp_path / "metrics.jsonl").open())] == [2.5, 0.5]
+    assert len(run.logged) == 1 and run.logged[0]["train/loss"] == 0.4
+    assert duration(700_000 / 5) == "38:53:20" and duration(59.6) == "0:01:00"
+
+
+def test_a_metrics_row_is_the_mean_over_its_steps():
+    from ddpm_eqx.train import window_means
+
+    window = [{"loss": np.float32(1.0), "grad_norm": np.float32(4.0), "lr": np.float32(0.1)},
+              {"loss": np.float32(2.0), "grad_norm": np.float32(2.0), "lr": np.float32(0.2)}]
+    assert window_means(window) == {"loss": 1.5, "grad_norm": 3.0, "lr": pytest.approx(0.2)}

@@ -196,6 +196,8 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be positive or None")
+        _require(self.optimizer != "AdamW" or self.weight_decay > 0,
+                 "optim.optimizer=AdamW with optim.weight_decay=0 is Adam; set optim.weight_decay (e.g. 1e-4)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +215,10 @@ class SamplingConfig:
         _require(self.steps is None or self.steps > 0, f"sampling.steps must be positive, got {self.steps}")
         _require(0 <= self.eta <= 1, f"sampling.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {self.eta}")
         _require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
+        if self.sampler == "ddpm":  # options the grids' sampler would ignore: an error, not a silent no-op
+            _require(self.steps is None, f"sampling.steps={self.steps} needs sampling.sampler=ddim (DDPM runs all "
+                                         "ddpm.timesteps steps)")
+            _require(self.eta == 0, f"sampling.eta={self.eta} needs sampling.sampler=ddim (DDPM's noise is eta 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +248,11 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.sampling.steps is None or self.sampling.steps <= self.ddpm.timesteps,
                  f"sampling.steps={self.sampling.steps} exceeds ddpm.timesteps={self.ddpm.timesteps}")
+        _require(self.sampling.guidance == 1 or self.model.num_classes is not None,
+                 f"sampling.guidance={self.sampling.guidance} needs a class-conditional model (model.num_classes)")
+        _require(self.model.out_dim in (None, self.data.channels),
+                 f"model.out_dim={self.model.out_dim} must equal data.channels={self.data.channels} (the model "
+                 "predicts noise, x0 or v of the image's shape); leave it unset")
 
 
 # --- overrides and JSON -------------------------------------------------------------------------

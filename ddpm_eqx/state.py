@@ -44,9 +44,11 @@ def trainable(model: PyTree) -> PyTree:
 
 def learning_rate_schedule(cfg: OptimConfig, num_train_steps: int) -> optax.Schedule:
     """Constant (the seed), or linear warm-up then optional cosine decay to 0."""
+    if cfg.cosine_decay and cfg.warmup_steps == 0:  # the first update at the full lr, not at a warm-up's 0
+        return optax.cosine_decay_schedule(cfg.lr, max(num_train_steps, 1))
     if cfg.cosine_decay:
         return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.lr, max(cfg.warmup_steps, 1), max(num_train_steps, cfg.warmup_steps + 1), end_value=0.0
+            0.0, cfg.lr, cfg.warmup_steps, max(num_train_steps, cfg.warmup_steps + 1), end_value=0.0
         )
     if cfg.warmup_steps > 0:
         return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)

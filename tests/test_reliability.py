@@ -123,13 +123,25 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     ("model.resnet_block_groups=0", "model.resnet_block_groups must be positive"),
     ("training.eval_num=1", "training.eval_num must be >= 2"), ("ema.power=0", "ema.power must be > 0"),
     ("ema.min_value=0.999", "ema.min_value must be in [0, ema.beta]"),
+    ("model.out_dim=3", "model.out_dim=3 must equal data.channels=1"),
+    ("sampling.steps=5", "sampling.steps=5 needs sampling.sampler=ddim"),
+    ("sampling.eta=0.5", "sampling.eta=0.5 needs sampling.sampler=ddim"),
+    ("sampling.guidance=3", "sampling.guidance=3.0 needs a class-conditional model"),
+    ("optim.optimizer=AdamW", "optim.optimizer=AdamW with optim.weight_decay=0 is Adam"),
 ])
-def test_values_that_would_crash_later_are_config_errors(override, message):
-    """Each of these used to pass the config and fail with a traceback (a division by zero, an empty FID)."""
+def test_values_that_would_crash_later_or_do_nothing_are_config_errors(override, message):
+    """Each of these used to pass the config and fail with a traceback (a division by zero, an empty FID, a
+    grid sampler whose carry changed shape), or change nothing at all (options the DDPM grids or an
+    unconditional model ignore; AdamW without a decay)."""
     from ddpm_eqx.config import Config, ConfigError, apply_overrides
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         apply_overrides(Config(), [override])
+    fixed = {"model.out_dim=3": "data.channels=3", "sampling.steps=5": "sampling.sampler=ddim",
+             "sampling.eta=0.5": "sampling.sampler=ddim", "sampling.guidance=3": "model.num_classes=10",
+             "optim.optimizer=AdamW": "optim.weight_decay=1e-4"}
+    if override in fixed:  # with what it needs, it is a valid config
+        apply_overrides(Config(), [override, fixed[override]])
 
 
 def test_a_workdir_in_use_by_another_trainer_is_refused(tmp_path, capsys):

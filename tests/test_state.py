@@ -69,6 +69,10 @@ def test_warmup_cosine_schedule():
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(60)) == pytest.approx(0.5e-3, rel=1e-4) and float(sched(110)) == pytest.approx(0.0, abs=1e-9)
     assert float(learning_rate_schedule(OptimConfig(lr=2e-4), 100)(57)) == pytest.approx(2e-4)
+    # Without a warm-up the first update takes the full lr (it was a 1-step warm-up from 0: a lost update).
+    sched = learning_rate_schedule(OptimConfig(lr=1e-3, cosine_decay=True), 100)
+    assert float(sched(0)) == pytest.approx(1e-3) and float(sched(50)) == pytest.approx(0.5e-3, rel=1e-4)
+    assert float(sched(100)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_grad_clip_and_weight_decay_are_applied():
@@ -137,6 +141,6 @@ def test_the_optimizer_state_layout_is_the_same_whatever_the_options():
     """So a run resumes with clipping, weight decay or a schedule switched on (what a non-finite loss advises)."""
     params = {"w": jnp.ones(3)}
     layouts = {jax.tree_util.tree_structure(make_optimizer(OptimConfig(**kw), 100).init(params))
-               for kw in ({}, {"grad_clip": 1.0}, {"weight_decay": 0.1}, {"optimizer": "AdamW"},
-                          {"warmup_steps": 10, "cosine_decay": True})}
+               for kw in ({}, {"grad_clip": 1.0}, {"weight_decay": 0.1}, {"optimizer": "AdamW", "weight_decay": 1e-4},
+                          {"warmup_steps": 10, "cosine_decay": True}, {"cosine_decay": True})}
     assert len(layouts) == 1

@@ -81,6 +81,10 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
     each of this process's steps splits across its devices (the default count divides it)."""
     if host_devices is not None and host_devices < 1:
         fail(f"--host-devices {host_devices}: give a positive number of devices (default: one per core)", 2)
+    if (num_processes is not None or process_id is not None) and not (
+            coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        fail("--num-processes/--process-id need --coordinator host:port (or JAX_COORDINATOR_ADDRESS); without one "
+             "this process would train alone", 2)
     from ddpm_eqx.parallel import set_host_device_count
 
     set_host_device_count(host_devices, batch=batch)
@@ -290,14 +294,14 @@ def train(
 def sample(
     ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>_seed<seed>.png)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>[_<options>]_seed<seed>.png)")] = None,
     npz: Annotated[Optional[Path], typer.Option(help="Also write the raw images (uint8 NHWC) here")] = None,
     num: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddpm",
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Noise seed (0..2^32-1)")] = 0,
     label: Annotated[Optional[int], typer.Option(help="Class for a class-conditional model")] = None,
     guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale")] = 1.0,
     trajectory: Annotated[Optional[Path], typer.Option(help="Save the denoising path of 8 images (.gif/.png)")] = None,
@@ -336,9 +340,9 @@ def eval_(
     step: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
-    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100, or the model's timesteps if fewer)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Noise seed (0..2^32-1)")] = 0,
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
     fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
@@ -348,8 +352,6 @@ def eval_(
     _check_choice("--metric", metric, ("classifier", "inception", "all"))
     _check_choice("--sampler", sampler, SAMPLERS)
     _check_ddim_options(sampler, steps, eta)
-    if sampler == "ddim" and steps is None:
-        steps = 100
     ckpt = ckpt.expanduser()
     out = _check_output("--out", out, (".json",))
     _init_runtime(host_devices, None, None, None)
@@ -359,7 +361,7 @@ def eval_(
     from ddpm_eqx.generate_cli import SampleRequest, draw_images
 
     request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
-                            steps=steps, eta=eta, seed=seed,
+                            steps=steps, eta=eta, seed=seed, default_steps=100,
                             trace_cache=trace_cache.default_directory())
     try:
         from ddpm_eqx.evaluate import evaluate_images
@@ -371,7 +373,7 @@ def eval_(
     except RuntimeError as e:
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise
-    results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps, **results}
+    results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps_for(cfg), **results}
     typer.echo(json.dumps(results, indent=2))  # first: an --out that cannot be written loses nothing
     if out is not None:
         try:

@@ -200,12 +200,13 @@ def train_classifier(
     init_key, shuffle_key = jr.split(jr.key(hp.seed))
     _, c, h, w = images.shape
     model = Classifier((c, h, w), num_classes, width=hp.width, feature_dim=hp.feature_dim, key=init_key)
-    steps_per_epoch = images.shape[0] // hp.batch_size  # drop the ragged batch: one shape, one compilation
+    batch = min(hp.batch_size, images.shape[0])  # a split smaller than a batch is one batch an epoch
+    steps_per_epoch = images.shape[0] // batch  # drop the ragged batch: one shape, one compilation
     optimizer = _make_optimizer(hp, hp.epochs * steps_per_epoch)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     for epoch in range(hp.epochs):
         order = jr.permutation(jr.fold_in(shuffle_key, epoch), images.shape[0])
-        for batch_idx in order[: steps_per_epoch * hp.batch_size].reshape(steps_per_epoch, hp.batch_size):
+        for batch_idx in order[: steps_per_epoch * batch].reshape(steps_per_epoch, batch):
             model, opt_state, _ = _train_step(model, opt_state, optimizer, images, labels, batch_idx)
     return model, accuracy(model, to_model_layout(test_images), test_labels)
 

@@ -248,6 +248,7 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.sampling.steps is None or self.sampling.steps <= self.ddpm.timesteps,
                  f"sampling.steps={self.sampling.steps} exceeds ddpm.timesteps={self.ddpm.timesteps}")
+        _require(0 <= self.seed < 2**32, f"seed must be in 0..2^32-1 (a JAX key's 32 bits), got {self.seed}")
         _require(self.sampling.guidance == 1 or self.model.num_classes is not None,
                  f"sampling.guidance={self.sampling.guidance} needs a class-conditional model (model.num_classes)")
         _require(self.model.out_dim in (None, self.data.channels),

@@ -38,6 +38,14 @@ class SampleRequest:
     trajectory: Path | None = None
     trace_cache: Path | None = None
     """Where the traced sampler is kept for the next process (see :mod:`ddpm_eqx.trace_cache`)."""
+    default_steps: int | None = None
+    """DDIM steps where ``steps`` is None, at most the model's timesteps (None: all of them)."""
+
+    def steps_for(self, cfg: Config) -> int | None:
+        """The DDIM steps drawn for the model of ``cfg``: ``steps``, else ``default_steps`` up to its timesteps."""
+        if self.steps is not None or self.sampler != "ddim" or self.default_steps is None:
+            return self.steps
+        return min(self.default_steps, cfg.ddpm.timesteps)
 
 
 def find_run(ckpt: Path) -> tuple[Path, Path, int | None]:
@@ -109,6 +117,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
         raise ValueError(f"--guidance {req.guidance}: this model is not class-conditional; drop --guidance")
     if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
         raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
+    req = dataclasses.replace(req, steps=req.steps_for(cfg))
     from ddpm_eqx.diffusion import make_diffusion
 
     mesh = make_mesh()
@@ -136,7 +145,7 @@ def run_sample(req: SampleRequest) -> list[Path]:
     images, setup = _draw(req, cfg, model)
     labels = setup.labels
     run = find_run(req.ckpt)[0]
-    out = req.out or run / "samples" / f"sample_{step}_{req.sampler}{req.steps or ''}_seed{req.seed}.png"
+    out = req.out or run / "samples" / default_name(req, step)
     written = [save_grid(images, out)]
     if req.npz is not None:
         req.npz.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +159,14 @@ def run_sample(req: SampleRequest) -> list[Path]:
         written.append(save_trajectory(path, req.trajectory))
     log.info("sampled %d images from step %d", req.num, step)
     return written
+
+
+def default_name(req: SampleRequest, step: int) -> str:
+    """``sample_<step>_<sampler><steps>[_eta<e>][_label<l>][_guidance<g>][_n<num>]_seed<seed>.png``: every
+    option that changes the grid, the ones at their defaults left out, so another draw never overwrites it."""
+    extra = [f"eta{req.eta:g}" if req.eta else "", f"label{req.label}" if req.label is not None else "",
+             f"guidance{req.guidance:g}" if req.guidance != 1.0 else "", f"n{req.num}" if req.num != 64 else ""]
+    return "_".join(["sample", str(step), f"{req.sampler}{req.steps or ''}", *filter(None, extra), f"seed{req.seed}"]) + ".png"
 
 
 def _labels(req: SampleRequest, num_classes: int | None) -> jax.Array | None:

@@ -37,10 +37,22 @@ def start_wandb(cfg: WandbConfig, config: Config, workdir: Path, *, resume_id: s
                     "to %s instead (sync later with `wandb sync`)", workdir / "wandb")
         mode = "offline"
     os.environ.setdefault("WANDB_DIR", str(workdir))
-    return wandb.init(
-        project=cfg.project, entity=cfg.entity, name=cfg.name, job_type=cfg.job_type, mode=mode,
-        config=to_dict(config), dir=str(workdir), id=resume_id, resume="allow" if resume_id else None,
-    )
+
+    def init(mode: Any) -> Any:  # wandb's Literal of modes
+        return wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.name, job_type=cfg.job_type, mode=mode,
+            config=to_dict(config), dir=str(workdir), id=resume_id, resume="allow" if resume_id else None,
+        )
+
+    if mode != "online":
+        return init(mode)
+    try:
+        return init(mode)
+    except Exception as e:  # noqa: BLE001  (wandb's CommError, timeouts, a bad key: W&B must not stop training)
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        log.warning("W&B could not start online (%s); logging offline to %s instead (sync later with "
+                    "`wandb sync`)", reason, workdir / "wandb")
+        return init("offline")
 
 
 def _wandb_logged_in() -> bool:

@@ -188,6 +188,22 @@ def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, a
     assert result.stderr.strip() == f"error: {message}"
 
 
+def test_seeds_past_32_bits_and_processes_without_a_coordinator_are_refused_before_jax_loads(tmp_path):
+    """A JAX key holds 32 bits: --seed 2**32 drew seed 0's images (and 2**63 was a traceback). Without a
+    coordinator, --num-processes/--process-id were ignored and the process trained alone."""
+    env = _env_without_jax(tmp_path)
+    for command in ("sample", "eval"):
+        result = subprocess.run(_cmd(command, "--ckpt", str(tmp_path), "--seed", str(2**32)), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "--seed" in result.stderr and "4294967295" in result.stderr, result.stderr
+    workdir = tmp_path / "never"
+    result = subprocess.run(_cmd("train", "--dataset", "fashion_mnist", "--workdir", str(workdir), "--num-processes",
+                                 "2", "--process-id", "1"), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().startswith("error: --num-processes/--process-id need --coordinator host:port")
+    assert not workdir.exists()
+
+
 def _env_without_jax(tmp_path):  # noqa: ANN001, ANN202
     """The CLI's environment with a ``jax`` package first on the path that fails on import."""
     (tmp_path / "no_jax" / "jax").mkdir(parents=True)

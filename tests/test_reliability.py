@@ -325,6 +325,58 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
         run.finish()
 
 
+def test_wandb_online_that_cannot_reach_wandb_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    """With a key but no network, wandb.init waited ~105 s and raised CommError: a traceback, no training."""
+    import wandb
+
+    from ddpm_eqx.config import Config, WandbConfig
+    from ddpm_eqx.logging_utils import start_wandb
+
+    modes = []
+    real_init = wandb.init
+
+    def init(**kwargs):  # noqa: ANN003, ANN202
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Failed to get resume status: no such host")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    run = start_wandb(WandbConfig(mode="online"), Config(), tmp_path)
+    try:
+        assert modes == ["online", "offline"] and run.settings.mode == "offline"
+        assert any("could not start online (Failed to get resume status" in r.message for r in caplog.records)
+    finally:
+        run.finish()
+
+
+def test_restore_from_beside_a_runs_own_checkpoints_says_it_is_not_used(tmp_path, caplog):
+    """A workdir's own checkpoints win over --restore-from (a resume), which was silently ignored."""
+    import jax.numpy as jnp
+
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.state import TrainState
+    from ddpm_eqx.train import _restore
+
+    state = TrainState(step=jnp.int32(6), model={}, ema_model={}, opt_state=())
+
+    class Own(Checkpointer):
+        def __init__(self) -> None:  # no Orbax manager: the two calls _restore makes
+            self.directory = tmp_path / "run" / "checkpoints"
+
+        def restore_latest(self, skeleton, layouts=()):  # noqa: ANN001, ANN201
+            return 6, state, None, {}
+
+        def quarantine_after(self, step, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return []
+
+    assert _restore(Own(), state, None, tmp_path / "other", {}) is state
+    [said] = [r.message for r in caplog.records if "--restore-from" in r.message]
+    assert said.startswith(f"--restore-from {tmp_path / 'other'} is not used: {tmp_path / 'run'} holds checkpoints")
+
+
 @pytest.mark.slow
 def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(fashion_mnist_data_dir, tmp_path):
     """A 6 MB tmpfs: the tiny model's first checkpoint fits, one of the six saves of a 12-step run cannot.

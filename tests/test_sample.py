@@ -149,3 +149,25 @@ def test_the_sampler_program_does_not_grow_with_the_number_of_steps(sampler, few
     images = np.asarray(lowered.compile()(*draw._arguments(oracle, keys, None)))
     np.testing.assert_array_equal(images, draw(oracle, keys))
     assert images.shape == (3, 1, 4, 4) and images.std() > 0.1
+
+
+def test_sample_file_names_and_eval_steps_follow_the_options_and_the_model():
+    """The default grid name carries every option that changes the grid (another label no longer overwrites the
+    first); eval's default DDIM steps (100) stop at a model's timesteps (a 50-step model failed on a flag the
+    user never passed)."""
+    from pathlib import Path
+
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.generate_cli import SampleRequest, default_name
+
+    plain = SampleRequest(ckpt=Path("run"), sampler="ddim", steps=100)
+    assert default_name(plain, 2500) == "sample_2500_ddim100_seed0.png"
+    names = {default_name(SampleRequest(ckpt=Path("run"), label=label, guidance=g, eta=eta, num=num, sampler="ddim"), 7)
+             for label in (None, 3, 5) for g in (1.0, 2.5) for eta in (0.0, 0.5) for num in (64, 16)}
+    assert len(names) == 24 and "sample_7_ddim_eta0.5_label3_guidance2.5_n16_seed0.png" in names
+
+    short = apply_overrides(Config(), ["ddpm.timesteps=50"])
+    evaluating = SampleRequest(ckpt=Path("run"), sampler="ddim", default_steps=100)
+    assert evaluating.steps_for(short) == 50 and evaluating.steps_for(Config()) == 100
+    assert SampleRequest(ckpt=Path("run"), sampler="ddim", steps=30, default_steps=100).steps_for(short) == 30
+    assert SampleRequest(ckpt=Path("run"), sampler="ddpm", default_steps=100).steps_for(short) is None

@@ -251,6 +251,9 @@ class Config:
         _require(0 <= self.seed < 2**32, f"seed must be in 0..2^32-1 (a JAX key's 32 bits), got {self.seed}")
         _require(self.sampling.guidance == 1 or self.model.num_classes is not None,
                  f"sampling.guidance={self.sampling.guidance} needs a class-conditional model (model.num_classes)")
+        _require(self.sampling.guidance == 1 or self.training.cond_drop_prob > 0,
+                 f"sampling.guidance={self.sampling.guidance} needs training.cond_drop_prob > 0 (guidance mixes in "
+                 "the unconditional prediction, learnt from the dropped labels)")
         _require(self.model.out_dim in (None, self.data.channels),
                  f"model.out_dim={self.model.out_dim} must equal data.channels={self.data.channels} (the model "
                  "predicts noise, x0 or v of the image's shape); leave it unset")

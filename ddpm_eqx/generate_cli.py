@@ -115,6 +115,9 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
         raise ValueError(f"--label {req.label} is out of range; this model has classes 0..{(num_classes or 1) - 1}")
     if req.guidance != 1.0 and num_classes is None:
         raise ValueError(f"--guidance {req.guidance}: this model is not class-conditional; drop --guidance")
+    if req.guidance != 1.0 and cfg.training.cond_drop_prob == 0:
+        raise ValueError(f"--guidance {req.guidance}: this model was trained with training.cond_drop_prob=0, so it "
+                         "never learnt the unconditional prediction guidance needs; drop --guidance")
     if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
         raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
     req = dataclasses.replace(req, steps=req.steps_for(cfg))

@@ -128,6 +128,7 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     ("sampling.eta=0.5", "sampling.eta=0.5 needs sampling.sampler=ddim"),
     ("sampling.guidance=3", "sampling.guidance=3.0 needs a class-conditional model"),
     ("optim.optimizer=AdamW", "optim.optimizer=AdamW with optim.weight_decay=0 is Adam"),
+    ("training.cond_drop_prob=0", "sampling.guidance=2.0 needs training.cond_drop_prob > 0"),
 ])
 def test_values_that_would_crash_later_or_do_nothing_are_config_errors(override, message):
     """Each of these used to pass the config and fail with a traceback (a division by zero, an empty FID, a
@@ -135,8 +136,9 @@ def test_values_that_would_crash_later_or_do_nothing_are_config_errors(override,
     unconditional model ignore; AdamW without a decay)."""
     from ddpm_eqx.config import Config, ConfigError, apply_overrides
 
+    given = [override, "model.num_classes=10", "sampling.guidance=2"] if "cond_drop" in override else [override]
     with pytest.raises(ConfigError, match=re.escape(message)):
-        apply_overrides(Config(), [override])
+        apply_overrides(Config(), given)
     fixed = {"model.out_dim=3": "data.channels=3", "sampling.steps=5": "sampling.sampler=ddim",
              "sampling.eta=0.5": "sampling.sampler=ddim", "sampling.guidance=3": "model.num_classes=10",
              "optim.optimizer=AdamW": "optim.weight_decay=1e-4"}
@@ -298,7 +300,7 @@ def test_sample_label_for_unconditional_model(reference_run, tmp_path):
 def test_sample_guidance_for_unconditional_model_is_an_error_not_a_no_op(tmp_path):
     import equinox as eqx
 
-    from ddpm_eqx.config import Config
+    from ddpm_eqx.config import Config, apply_overrides
     from ddpm_eqx.generate_cli import SampleRequest, _draw
 
     class NeverUsed(eqx.Module):  # checked before the model is used
@@ -307,6 +309,11 @@ def test_sample_guidance_for_unconditional_model_is_an_error_not_a_no_op(tmp_pat
     request = SampleRequest(ckpt=tmp_path, guidance=3.0)
     with pytest.raises(ValueError, match="--guidance 3.0: this model is not class-conditional; drop --guidance"):
         _draw(request, Config(), NeverUsed())
+    # Nor for a conditional model that never saw the null class (no label dropout): its "unconditional"
+    # prediction is an untrained embedding.
+    never_dropped = apply_overrides(Config(), ["model.num_classes=10", "training.cond_drop_prob=0"])
+    with pytest.raises(ValueError, match="trained with training.cond_drop_prob=0"):
+        _draw(request, never_dropped, NeverUsed())
 
 
 def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):

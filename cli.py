@@ -253,9 +253,12 @@ def train(
         cfg = resolve_config(dataset, config, set_ or [])
     except ConfigError as e:
         fail(str(e), 2)
-    processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES") or 1)
-    split, rest = divmod(cfg.data.batch_size, processes * cfg.training.grad_accum_steps)
-    _init_runtime(host_devices, coordinator, num_processes, process_id, batch=None if rest else split)
+    # The batch each process splits across its devices; unknown where the process count is detected by
+    # jax.distributed (a cluster's variables), where the default stays one device per core.
+    multi = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    split, rest = divmod(cfg.data.batch_size, (num_processes or 1) * cfg.training.grad_accum_steps)
+    known = not rest and (num_processes is not None or not multi)
+    _init_runtime(host_devices, coordinator, num_processes, process_id, batch=split if known else None)
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx import trace_cache

@@ -10,12 +10,29 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 
 
-def stamp(root: Path = PACKAGE) -> tuple[tuple[str, int, int], ...]:
-    """Every ``.py`` file under ``root``: its path, modification time (ns) and size. ~0.3 ms for this package."""
+def files(root: Path = PACKAGE) -> list[Path]:
+    """The package's source files: regular ``.py`` files under ``root``, not hidden ones (an editor's lock link
+    ``.#train.py`` dangles while a buffer is unsaved)."""
     found = []
     for path in sorted(root.rglob("*.py")):
-        stat = path.stat()
-        found.append((path.relative_to(root).as_posix(), stat.st_mtime_ns, stat.st_size))
+        try:
+            if not any(part.startswith(".") for part in path.relative_to(root).parts) and path.is_file():
+                found.append(path)
+        except OSError:  # gone or unreadable between the listing and the look: not a source file now
+            continue
+    return found
+
+
+def stamp(root: Path = PACKAGE) -> tuple[tuple[str, int, int], ...]:
+    """Every source file under ``root`` (:func:`files`): its path, modification time (ns) and size; a file that
+    vanished since the listing as (path, -1, -1). ~0.3 ms for this package."""
+    found = []
+    for path in files(root):
+        try:
+            stat = path.stat()
+            found.append((path.relative_to(root).as_posix(), stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            found.append((path.relative_to(root).as_posix(), -1, -1))
     return tuple(found)
 
 

@@ -10,6 +10,7 @@ naming the problem and the fix.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.util
 import json
@@ -32,6 +33,17 @@ class ConfigError(ValueError):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+_STORED = contextvars.ContextVar("_STORED", default=False)
+"""True while :func:`from_dict` reads a config a run already trained with (its ``config.json``)."""
+
+
+def _require_useful(ok: bool, message: str) -> None:
+    """A check against an option that would do nothing (or not what it says), for new configs only: a run whose
+    stored config.json an earlier version accepted still samples, evaluates and resumes as it trained."""
+    if not _STORED.get():
+        _require(ok, message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +208,9 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be positive or None")
-        _require(self.optimizer != "AdamW" or self.weight_decay > 0,
-                 "optim.optimizer=AdamW with optim.weight_decay=0 is Adam; set optim.weight_decay (e.g. 1e-4)")
+        _require_useful(self.optimizer != "AdamW" or self.weight_decay > 0,
+                 "optim.optimizer=AdamW with optim.weight_decay=0 is Adam; set optim.weight_decay (e.g. 1e-4), or "
+                        "optim.optimizer=Adam (the same updates)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +229,9 @@ class SamplingConfig:
         _require(0 <= self.eta <= 1, f"sampling.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {self.eta}")
         _require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
         if self.sampler == "ddpm":  # options the grids' sampler would ignore: an error, not a silent no-op
-            _require(self.steps is None, f"sampling.steps={self.steps} needs sampling.sampler=ddim (DDPM runs all "
+            _require_useful(self.steps is None, f"sampling.steps={self.steps} needs sampling.sampler=ddim (DDPM runs all "
                                          "ddpm.timesteps steps)")
-            _require(self.eta == 0, f"sampling.eta={self.eta} needs sampling.sampler=ddim (DDPM's noise is eta 1)")
+            _require_useful(self.eta == 0, f"sampling.eta={self.eta} needs sampling.sampler=ddim (DDPM's noise is eta 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,10 +261,10 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.sampling.steps is None or self.sampling.steps <= self.ddpm.timesteps,
                  f"sampling.steps={self.sampling.steps} exceeds ddpm.timesteps={self.ddpm.timesteps}")
-        _require(0 <= self.seed < 2**32, f"seed must be in 0..2^32-1 (a JAX key's 32 bits), got {self.seed}")
-        _require(self.sampling.guidance == 1 or self.model.num_classes is not None,
+        _require_useful(0 <= self.seed < 2**32, f"seed must be in 0..2^32-1 (a JAX key's 32 bits), got {self.seed}")
+        _require_useful(self.sampling.guidance == 1 or self.model.num_classes is not None,
                  f"sampling.guidance={self.sampling.guidance} needs a class-conditional model (model.num_classes)")
-        _require(self.sampling.guidance == 1 or self.training.cond_drop_prob > 0,
+        _require_useful(self.sampling.guidance == 1 or self.training.cond_drop_prob > 0,
                  f"sampling.guidance={self.sampling.guidance} needs training.cond_drop_prob > 0 (guidance mixes in "
                  "the unconditional prediction, learnt from the dropped labels)")
         _require(self.model.out_dim in (None, self.data.channels),
@@ -340,7 +353,17 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of ``to_dict``; unknown keys are an error (a config from another version)."""
+    """Inverse of ``to_dict``; unknown keys are an error (a config from another version). A stored config is
+    held to the checks against values that would fail, not to those against options that would do nothing,
+    which a run of an earlier version may have trained with."""
+    token = _STORED.set(True)
+    try:
+        return _from_dict(data)
+    finally:
+        _STORED.reset(token)
+
+
+def _from_dict(data: dict[str, Any]) -> Config:
     sections = {}
     hints = _field_types(Config)
     for name, value in data.items():

@@ -52,6 +52,7 @@ def start_wandb(cfg: WandbConfig, config: Config, workdir: Path, *, resume_id: s
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         log.warning("W&B could not start online (%s); logging offline to %s instead (sync later with "
                     "`wandb sync`)", reason, workdir / "wandb")
+        wandb.teardown()  # the failed run keeps its id in wandb's service: "run ID ... is in use" otherwise
         return init("offline")
 
 

@@ -51,7 +51,7 @@ def _source_digest() -> str:
     """The package's source, read once per process (each stored program's key needs it). It is the code this
     process runs only while the files are as they were at import: :func:`stored_program` checks that."""
     digest = hashlib.sha256()
-    for path in sorted(_source.PACKAGE.rglob("*.py")):
+    for path in _source.files():
         digest.update(path.relative_to(_source.PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

@@ -249,8 +249,8 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     found = ckpt.restore_latest(skeleton, layouts=layouts)
     source = ckpt.directory
     if found is not None and restore_from is not None:
-        log.warning("--restore-from %s is not used: %s holds checkpoints of its own, and the run resumes from them "
-                    "(start it from %s in a new --workdir)", restore_from, ckpt.directory.parent, restore_from)
+        log.warning("resuming this run's own step %d from %s; --restore-from %s applies to a workdir without "
+                    "checkpoints", found[0], ckpt.directory, restore_from)
     if found is None and restore_from is not None:
         source, step = _resolve_restore_from(restore_from)
         try:

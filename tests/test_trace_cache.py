@@ -123,6 +123,10 @@ def test_the_source_stamp_sees_a_file_written_added_or_removed(tmp_path):
     added = _source.stamp(tmp_path)
     (tmp_path / "a.py").unlink()
     assert len({before, written, added, _source.stamp(tmp_path)}) == 4
+    # An editor's dangling lock link (Emacs: .#name.py) is no source file: importing ddpm_eqx crashed on it.
+    (tmp_path / ".#b.py").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "sub" / "c.py").mkdir()  # nor a folder that looks like one
+    assert [name for name, *_ in _source.stamp(tmp_path)] == ["sub/b.py"]
     assert _source.unchanged()  # the package itself, as imported
 
 

@@ -15,7 +15,9 @@ PIL images it needs no TensorFlow.
 """
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import re
 import tempfile
 import warnings
@@ -26,10 +28,12 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_FORMAT_VERSION = "3"  # bump when imported datasets change (3: 16-bit grey scaled): old imports are then redone
+_FORMAT_VERSION = "4"  # bump when imported datasets change (3: 16-bit grey scaled; 4: EXIF orientation): old imports are redone
+_MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
 
 class DataError(ValueError):
@@ -42,7 +46,7 @@ def import_path(path: Path, data_dir: Path) -> Path:
     if path.is_file() and path.suffix.lower() == ".npz":
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = _listing(path)
     else:
         raise DataError(f"{path} is neither a folder of images nor an .npz file")
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -59,19 +63,56 @@ def import_path(path: Path, data_dir: Path) -> Path:
     builder_dir = root / _ImportedDataset.name / str(_ImportedDataset.VERSION)
     if (builder_dir / "dataset_info.json").exists():  # TFDS renames a finished build into place
         return builder_dir
-
-    print(f"Importing {path} into {root} (once) ...", flush=True)
-    with no_stray_temp_dirs():
-        if images:
-            builder: _ImportedDataset = _folder_builder(path, images, root)
-        else:
-            builder = _npz_builder(path, arrays, root)
-    builder.download_and_prepare(file_format="array_record")
+    with exclusive(root.parent / f".{root.name}.lock"):
+        if (builder_dir / "dataset_info.json").exists():  # another process imported it while this one waited
+            return builder_dir
+        print(f"Importing {path} into {root} (once) ...", flush=True)
+        with no_stray_temp_dirs():
+            if images:
+                builder: _ImportedDataset = _folder_builder(path, images, root)
+            else:
+                builder = _npz_builder(path, arrays, root)
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except DataError:
+            raise
+        except Exception as err:  # a full disk, a file that vanished: nothing is taken as imported
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"importing {path} into {root} failed ({type(err).__name__}: {first}); fix that "
+                            "(free space there?) and run again") from err
     if builder.skipped:
         warnings.warn(
             f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. {builder.skipped[0]}", stacklevel=3
         )
     return builder_dir
+
+
+def _listing(root: Path) -> list[Path]:
+    """The files under ``root``, following linked folders (a class folder may be a link; each real folder
+    once), leaving out hidden files and folders (``.ipynb_checkpoints/`` is no class)."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / n for n in names if not n.startswith(".") and (Path(folder) / n).is_file()]
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an advisory lock on the file ``lock`` (made if needed), waiting for another holder: the processes
+    of a multi-process run on one disk prepare the same dataset, and the second would otherwise race the first
+    into TFDS's final rename (``FileExistsError``); it now waits and finds the dataset ready. Where the file
+    system has no locks, nothing is held (as before)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager
@@ -164,10 +205,11 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
 
 def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
     """The file's own bytes when they decode to ``mode`` as they are, else a converted PIL image."""
-    with PILImage.open(path) as im:
-        im.load()
-        if im.format in ("PNG", "JPEG") and im.mode == mode:
+    with PILImage.open(path) as opened:
+        opened.load()
+        if opened.format in ("PNG", "JPEG") and opened.mode == mode and opened.getexif().get(0x0112, 1) == 1:
             return path.read_bytes()
+        im = ImageOps.exif_transpose(opened)  # a camera's orientation tag: stored upright (a copy where rotated)
         if im.mode.startswith("I"):
             # 16-bit grey (PIL opens 16-bit PNGs as I;16, or I in older versions): convert clips it at 255.
             scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
@@ -195,19 +237,14 @@ def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
         by_split[split] = p
     shapes, num_classes = set(), 1
     for p in by_split.values():
-        with np.load(p) as npz:  # headers are cheap; labels are small
-            if "image" not in npz.files:
-                raise DataError(f"{p} has no 'image' array (keys: {', '.join(npz.files)})")
-            image = npz["image"]
-            if image.dtype != np.uint8 or image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[-1] not in (1, 3)):
-                raise DataError(f"{p}: 'image' must be uint8 [N,H,W] or [N,H,W,1|3], got {image.dtype} {image.shape}")
-            shapes.add(image.shape[1:3] + (image.shape[3] if image.ndim == 4 else 1,))
-            if "label" in npz.files and len(npz["label"]):
-                num_classes = max(num_classes, int(npz["label"].max()) + 1)
+        image, label = _checked_arrays(p)
+        shapes.add(image.shape[1:3] + (image.shape[3] if image.ndim == 4 else 1,))
+        if label is not None:
+            num_classes = max(num_classes, int(label.max()) + 1)
     if len(shapes) != 1:
         raise DataError(f"the .npz files of {root} have different image shapes: {sorted(shapes)}")
 
-    def make(p: Path) -> Any:
+    def make(p: Path) -> Any:  # (the arrays were checked above)
         def generate() -> Iterator[tuple[int, dict[str, Any]]]:
             with np.load(p) as npz:
                 images = npz["image"].reshape((-1, *shape))
@@ -228,3 +265,32 @@ def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
         description=f"Arrays imported from {root}",
         data_dir=out,
     )
+
+
+def _checked_arrays(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``p``'s ``image`` and ``label`` (None without one), or a ``DataError`` saying what is wrong with them."""
+    try:
+        with np.load(p) as npz:
+            keys = list(npz.files)
+            image = npz["image"] if "image" in keys else None
+            label = npz["label"] if "label" in keys else None
+    except (OSError, ValueError, EOFError) as err:  # not a zip, a pickled object array, a truncated file
+        raise DataError(f"{p} cannot be read as an .npz of arrays ({type(err).__name__}: {err}); save it "
+                        "with np.savez(path, image=..., label=...)") from None
+    if image is None:
+        raise DataError(f"{p} has no 'image' array (keys: {', '.join(keys)})")
+    if image.dtype != np.uint8 or image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[-1] not in (1, 3)):
+        raise DataError(f"{p}: 'image' must be uint8 [N,H,W] or [N,H,W,1|3] (NHWC, 0..255), got {image.dtype} "
+                        f"{image.shape}")
+    if not len(image):
+        raise DataError(f"{p}: 'image' holds no images")
+    if label is None:
+        return image, None
+    if label.ndim != 1 or len(label) != len(image):
+        raise DataError(f"{p}: 'label' must be one class index per image, shape ({len(image)},), got {label.shape}")
+    if not (np.issubdtype(label.dtype, np.integer) or (np.issubdtype(label.dtype, np.floating)
+                                                      and np.all(np.isfinite(label) & (label == np.round(label))))):
+        raise DataError(f"{p}: 'label' must hold integer class indices, got {label.dtype}")
+    if label.min() < 0 or label.max() >= _MAX_CLASSES:
+        raise DataError(f"{p}: 'label' must be class indices 0..{_MAX_CLASSES - 1}, got {label.min()}..{label.max()}")
+    return image, label.astype(np.int64)

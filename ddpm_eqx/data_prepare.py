@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ddpm_eqx.config import DataConfig
-from ddpm_eqx.data_import import DataError, import_path, no_stray_temp_dirs
+from ddpm_eqx.data_import import DataError, exclusive, import_path, no_stray_temp_dirs
 
 _TFDS_NAME = re.compile(r"[a-z0-9_]+(/[\w.-]+)?(:[\d.*]+)?")
 _CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
@@ -121,6 +121,11 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, cfg: DataConfig, do
         raise DataError(f"preparing {name} failed: {type(err).__name__}: {_first_line(err)}{hint}") from err
 
 
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    # Without dataset_info.json it is not prepared, and TFDS's is_prepared would warn as much ("Variant folder").
+    return (Path(builder.data_dir) / "dataset_info.json").exists() and builder.is_prepared()
+
+
 def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.DatasetBuilder:
     """The builder of ``cfg.dataset``, prepared (or imported) first when needed."""
     name, data_dir = cfg.dataset, data_dir_of(cfg)
@@ -131,9 +136,12 @@ def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.Dat
         return tfds.builder_from_directory(str(import_path(path, data_dir)))
     builder = _tfds_builder(name, data_dir)
     feature_keys(builder)  # a dataset without images fails here, before any download
-    # Without dataset_info.json it is not prepared, and TFDS's is_prepared would warn as much ("Variant folder").
-    if not (Path(builder.data_dir) / "dataset_info.json").exists() or not builder.is_prepared():
-        _download_and_prepare(builder, cfg, download)
+    if not _is_prepared(builder):
+        # One process prepares, the others of a multi-process run on this disk wait and read it (see exclusive).
+        with exclusive(data_dir / f".{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.ddpm_eqx.lock"):
+            builder = _tfds_builder(name, data_dir)  # as it is now: another process may have prepared it
+            if not _is_prepared(builder):
+                _download_and_prepare(builder, cfg, download)
     elif str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
         raise DataError(
             f"{name} in {builder.data_dir} was prepared as {builder.info.file_format}, but reading needs "

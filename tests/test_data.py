@@ -1,6 +1,7 @@
 """Data pipeline: preparation, determinism and resume, image fitting, imports, errors."""
 
 import dataclasses
+import re
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from _archives import read_idx
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ddpm_eqx.config import DataConfig
 from ddpm_eqx.data import (
@@ -504,3 +505,111 @@ def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert time.monotonic() - start < 10
     assert [p.name for p in temp.iterdir()] == ["tmpsomeoneelsestfds"]
     assert "Variant folder" not in caplog.text  # TFDS's warning about an unprepared dataset, before preparing it
+
+
+@pytest.mark.parametrize("label, message", [
+    (np.arange(20) % 3, "shape (12,), got (20,)"), (np.arange(5), "shape (12,), got (5,)"),
+    (np.full((12, 1), 1), "shape (12,), got (12, 1)"), (np.eye(12, 3, dtype=np.int64), "shape (12,), got (12, 3)"),
+    (np.linspace(0, 2.9, 12), "integer class indices, got float64"), (np.array(["a"] * 12), "integer class indices"),
+    (np.r_[-1, np.zeros(11, np.int64)], "0..999999, got -1..0"), (np.r_[10**8, np.zeros(11, np.int64)], "got 0..100000000"),
+])
+def test_npz_labels_that_do_not_fit_the_images_are_refused(tmp_path: Path, label: np.ndarray, message: str) -> None:
+    """Extra labels were dropped (misaligned), -1 trained the null class, float labels were truncated, an id
+    made a 10^8-class model; short, column-shaped, one-hot or string labels were tracebacks."""
+    path = tmp_path / "bad.npz"
+    np.savez(path, image=np.zeros((12, 8, 8, 1), np.uint8), label=label)
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
+    np.savez(path, image=np.zeros((12, 8, 8, 1), np.uint8), label=np.arange(12.0) % 3)  # integral floats: fine
+    info = prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
+    assert info.num_classes == 3
+
+
+def test_unreadable_or_empty_npz_files_are_one_line_errors(tmp_path: Path) -> None:
+    fake, empty = tmp_path / "fake.npz", tmp_path / "empty.npz"
+    fake.write_text("not a zip")
+    np.savez(empty, image=np.zeros((0, 8, 8), np.uint8))
+    for path, message in ((fake, "cannot be read as an .npz of arrays"), (empty, "'image' holds no images")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
+
+
+def test_folder_classes_skip_hidden_folders_and_follow_linked_ones(tmp_path: Path) -> None:
+    """``.ipynb_checkpoints/`` became class 0 (every label shifted); a class folder that is a link was dropped."""
+    folder, elsewhere = tmp_path / "pets", tmp_path / "elsewhere"
+    for sub, value, count in (("cat", 30, 2), (".ipynb_checkpoints", 90, 1)):
+        (folder / sub).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(folder / sub / f"{i}.png")
+    elsewhere.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 220, np.uint8)).save(elsewhere / f"{i}.png")
+    (folder / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "dog" / "loop").symlink_to(folder, target_is_directory=True)  # a link back up: walked once
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8)
+    info = prepare_dataset(cfg)
+    assert info.num_classes == 2 and info.splits == {"train": 5}
+    images, labels = load_split_array(cfg, "train")
+    assert sorted(zip(labels.tolist(), images[:, 0, 0, 0].tolist())) == [(0, 30), (0, 30), (1, 220), (1, 220), (1, 220)]
+
+
+def test_a_photo_with_an_exif_orientation_is_stored_upright(tmp_path: Path) -> None:
+    """A phone's JPEG is stored as its sensor wrote it plus an Orientation tag: imported as it displays."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sensor = np.zeros((16, 32), np.uint8)
+    sensor[:, :16] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(sensor).save(folder / "phone.jpg", exif=exif, quality=95)
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=16)
+    images, _ = load_split_array(cfg, "train")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(folder / "phone.jpg")))  # 32 tall, 16 wide
+    expected = fit_image(upright[:, :, None], image_size=16, channels=1)
+    assert upright.shape == (32, 16) and upright[:16].mean() > 200 and upright[16:].mean() < 50  # top half white
+    np.testing.assert_allclose(images[0].astype(float), expected.astype(float), atol=3)
+
+
+def test_a_failed_import_is_one_line_and_leaves_nothing_taken_as_imported(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm_eqx import data_import
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8)
+
+    def full(self, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        raise RuntimeError('Failed to finalize writing of split "train": write() failed: File too large')
+
+    with monkeypatch.context() as m:
+        m.setattr(data_import._ImportedDataset, "download_and_prepare", full)
+        with pytest.raises(DataError, match=r"importing .*few into .* failed \(RuntimeError: Failed to finalize"):
+            prepare_dataset(cfg)
+    assert prepare_dataset(cfg).splits == {"train": 1}  # the next run imports it
+
+
+def test_two_processes_importing_one_folder_at_once_both_get_it(tmp_path: Path) -> None:
+    """The processes of a multi-process run on one disk each prepare the data: the second crashed on TFDS's
+    final rename (FileExistsError). A lock makes it wait and find the import done. The first process is
+    slowed (40 ms an image, 12 s in all) and the second starts once the first has begun importing."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        Image.fromarray(np.full((8, 8), i % 256, np.uint8)).save(folder / f"{i}.png")
+    script = ("import sys, time; from ddpm_eqx import data_import; from ddpm_eqx.config import DataConfig; "
+              "from ddpm_eqx.data import prepare_dataset; load = data_import._load_image\n"
+              "if sys.argv[3] == 'slow': data_import._load_image = lambda *a: (time.sleep(0.04), load(*a))[1]\n"
+              "print(prepare_dataset(DataConfig(dataset=sys.argv[1], data_dir=sys.argv[2], image_size=8)).splits)")
+
+    def start(speed: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, str(folder), str(tmp_path / "tfds"), speed],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("slow")
+    assert first.stdout is not None and "Importing" in first.stdout.readline()
+    second = start("fast")
+    (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    assert first.returncode == 0 and "{'train': 300}" in out1, err1[-2000:]
+    assert second.returncode == 0 and "{'train': 300}" in out2, err2[-2000:]
+    assert "Importing" not in out2  # the second waited for the first's import, and used it

@@ -367,8 +367,12 @@ def eval_(
                             steps=steps, eta=eta, seed=seed, default_steps=100,
                             trace_cache=trace_cache.default_directory())
     try:
-        from ddpm_eqx.evaluate import evaluate_images
+        from ddpm_eqx.config import from_json
+        from ddpm_eqx.evaluate import check_metrics_available, evaluate_images
+        from ddpm_eqx.generate_cli import find_run
 
+        run = find_run(ckpt)[0]  # what would fail after the sampling, checked before it
+        check_metrics_available(from_json((run / "config.json").read_text()), metric, fid_weights)  # type: ignore[arg-type]
         cfg, images, used_step = draw_images(request)
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
@@ -376,7 +380,8 @@ def eval_(
     except RuntimeError as e:
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise
-    results = {"step": used_step, "num": num, "sampler": sampler, "steps": request.steps_for(cfg), **results}
+    results = {"ckpt": str(run), "step": used_step, "num": num, "sampler": sampler, "steps": request.steps_for(cfg),
+               "eta": eta, "seed": seed, **results}
     typer.echo(json.dumps(results, indent=2))  # first: an --out that cannot be written loses nothing
     if out is not None:
         try:

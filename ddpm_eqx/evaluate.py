@@ -9,6 +9,8 @@ Inception weights when their file is available.
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,21 +95,75 @@ class ClassifierMetric:
         return classifier_metrics(self.classifier, images, self.reference, seed=seed, subset_size=subset)
 
 
+class NonFiniteSamples(ValueError):
+    """Samples with NaN or inf pixels (a diverged model): scoring them as black images would look plausible."""
+
+    def __init__(self, count: int, total: int):
+        super().__init__(f"{count} of {total} samples are not finite (NaN or inf pixels: the model diverged?); "
+                         "they are not scored")
+        self.count = count
+
+
+def as_scored(images: Float[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n c h w"]:
+    """``images`` as they are scored: the 8-bit images a sample writes (pytorch-fid scores image files), as the
+    reference images are. ``NonFiniteSamples`` where any has a NaN or inf pixel (``to_uint8`` would make it 0)."""
+    bad = int((~np.isfinite(images).reshape(images.shape[0], -1).all(axis=1)).sum())
+    if bad:
+        raise NonFiniteSamples(bad, images.shape[0])
+    return to_model_images(to_uint8(images))
+
+
+def check_metrics_available(cfg: Config, metric: Metric, fid_weights: str | None) -> None:
+    """What would otherwise fail only after the samples are drawn (hours at eval's defaults): no labels for
+    ``metric="classifier"``; no usable Inception weights for ``"inception"``, or for ``"all"`` when
+    ``fid_weights`` names a file (``"all"`` without one reports ``fid_unavailable`` instead)."""
+    if metric == "classifier":
+        check_labelled(cfg)
+    if metric == "inception" or (metric == "all" and fid_weights is not None):
+        _usable_weights(fid_weights)
+
+
+def _usable_weights(fid_weights: str | None) -> Path:
+    """The Inception weights file to load; FileNotFoundError (one line) where it is missing or is a .pth that
+    cannot be read here (torch is not installed and no converted .npz is beside it)."""
+    import importlib.util
+
+    from ddpm_eqx.inception import resolve_weights_path
+
+    path = resolve_weights_path(fid_weights)
+    if path.suffix == ".pth" and not path.with_suffix(".npz").is_file() and importlib.util.find_spec("torch") is None:
+        raise FileNotFoundError(f"reading the FID weights {path} needs torch, which is not installed: convert them "
+                                "once with ddpm_eqx.inception.convert_pth_to_npz where torch is, and pass the .npz")
+    return path
+
+
 def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights: str | None, *,
                       seed: int = 0) -> dict[str, float]:
-    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError (one line) without the weights."""
+    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError (one line) without usable weights.
+    The reference statistics are cached per weights file (its content's hash), written whole, and an
+    unreadable or stale cache is recomputed."""
     from ddpm_eqx.inception import inception_features, load_inception
 
-    model = load_inception(weights)
+    weights_path = _usable_weights(weights)
+    model = load_inception(weights_path)
+    key = f"{hashlib.sha256(weights_path.read_bytes()).hexdigest()[:16]}-{REFERENCE_EXAMPLES}"
     path = cache_dir(cfg) / "inception_reference.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            ref_mu, ref_sigma, ref_features = cached["mu"], cached["sigma"], cached["features"]
-    else:
+    cached = None
+    try:
+        with np.load(path) as stored:
+            if str(stored["key"]) == key:
+                cached = stored["mu"], stored["sigma"], stored["features"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, torn, or of other weights
+        pass
+    if cached is None:
         ref_features = inception_features(model, reference_images(cfg))
         ref_mu, ref_sigma = feature_statistics(ref_features)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mu=ref_mu, sigma=ref_sigma, features=ref_features)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, key=key, mu=ref_mu, sigma=ref_sigma, features=ref_features)
+        tmp.replace(path)  # a killed write never leaves a torn cache behind
+    else:
+        ref_mu, ref_sigma, ref_features = cached
     features = inception_features(model, images)
     mu, sigma = feature_statistics(features)
     subset = min(1000, features.shape[0], ref_features.shape[0])
@@ -120,8 +176,7 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
     """All requested metrics of ``images`` (model layout, [-1, 1]). With ``metric="all"`` a missing
     Inception weights file is reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
-    # Scored as the 8-bit images a sample writes (pytorch-fid scores image files), as the reference images are.
-    images = to_model_images(to_uint8(images))
+    images = as_scored(images)
     if metric in ("classifier", "all"):
         try:
             check_labelled(cfg)

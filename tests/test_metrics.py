@@ -202,3 +202,76 @@ def test_generated_images_are_scored_at_8_bits_like_the_reference_images(tmp_pat
     levels = (scored[0] + 1.0) * 127.5
     np.testing.assert_allclose(levels, np.rint(levels), atol=1e-4)  # on the 256 levels of a PNG
     np.testing.assert_allclose(scored[0], np.clip(images, -1, 1), atol=1 / 127.5)
+
+
+def test_the_inception_reference_cache_is_keyed_by_the_weights_and_a_torn_one_is_redone(tmp_path, monkeypatch) -> None:
+    """The cached reference statistics of one weights file were reused with another (FID 821 for identical
+    images), and a cache torn by a kill failed every later eval with BadZipFile. The network is stubbed by a
+    projection that depends on the weights file (the real one takes minutes here)."""
+    from pathlib import Path
+
+    import ddpm_eqx.evaluate as ev
+    import ddpm_eqx.inception as inc
+
+    np.savez(tmp_path / "faces.npz", image=np.random.default_rng(0).integers(0, 256, (40, 8, 8), np.uint8))
+    cfg = _npz_config(tmp_path / "faces.npz", tmp_path)
+    weights = {name: tmp_path / f"{name}.npz" for name in ("a", "b")}
+    for name, path in weights.items():
+        path.write_bytes(name.encode())
+    monkeypatch.setattr(inc, "load_inception", lambda path: Path(path).read_bytes())
+
+    def features(model: bytes, images: np.ndarray) -> np.ndarray:
+        return images.reshape(len(images), -1) @ np.random.default_rng(model[0]).normal(size=(images[0].size, 6))
+
+    monkeypatch.setattr(inc, "inception_features", features)
+    reference = ev.reference_images(cfg)
+    for name in ("a", "b", "a"):  # the reference scored against itself, whichever weights: 0
+        assert ev.inception_metrics(cfg, reference, str(weights[name]))["fid"] == pytest.approx(0, abs=1e-6), name
+    cache = ev.cache_dir(cfg) / "inception_reference.npz"
+    cache.write_bytes(cache.read_bytes()[:100])  # torn by a kill mid-write
+    assert ev.inception_metrics(cfg, reference, str(weights["b"]))["fid"] == pytest.approx(0, abs=1e-6)
+
+
+def test_non_finite_samples_are_not_scored_as_black_images() -> None:
+    """to_uint8 makes NaN 0: a diverged model's samples scored as plausible black images (and the training
+    evaluation crashed in eigh)."""
+    from ddpm_eqx.config import Config
+    from ddpm_eqx.evaluate import NonFiniteSamples, as_scored, evaluate_images
+
+    images = np.zeros((5, 1, 4, 4), np.float32)
+    images[1, 0, 2, 2], images[3] = np.nan, np.inf
+    with pytest.raises(NonFiniteSamples, match="2 of 5 samples are not finite") as raised:
+        evaluate_images(Config(), images, metric="inception")
+    assert raised.value.count == 2 and isinstance(raised.value, ValueError)  # the CLI's one-line errors
+    finite = np.where(np.isfinite(images), -1.0, 1.0).astype(np.float32)  # two of the 256 levels: kept as they are
+    np.testing.assert_array_equal(as_scored(finite), finite)
+
+
+def test_the_training_evaluation_scores_at_8_bits_and_skips_non_finite_samples(monkeypatch) -> None:
+    """training.eval_every scored floats where `ddpm-eqx eval` scores 8-bit images (their figures differed)."""
+    import jax.numpy as jnp
+
+    from ddpm_eqx import train
+    from ddpm_eqx.config import Config
+    from ddpm_eqx.generate import ShardedSampler
+    from ddpm_eqx.state import TrainState
+
+    drawn = np.random.default_rng(0).uniform(-1, 1, (4, 1, 4, 4)).astype(np.float32)
+
+    class Draw(ShardedSampler):
+        def __init__(self) -> None:
+            pass
+
+        def __call__(self, model, keys, labels=None, **kwargs):  # noqa: ANN001, ANN003, ANN204
+            return drawn.copy()
+
+    scored = []
+    evaluator = object.__new__(train._Evaluator)
+    evaluator.cfg = Config()
+    evaluator.metric = lambda images: scored.append(images) or {"fd_classifier": 1.0}
+    state = TrainState(step=jnp.int32(0), model={}, ema_model={}, opt_state=())
+    assert evaluator(Draw(), state) == {"fd_classifier": 1.0}
+    levels = (scored[0] + 1) * 127.5
+    np.testing.assert_allclose(levels, np.rint(levels), atol=1e-4)
+    drawn[2] = np.nan
+    assert evaluator(Draw(), state) == {"nonfinite_samples": 1.0}

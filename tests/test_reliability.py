@@ -1,5 +1,6 @@
 """Faults and bad input through the CLI: one clear line, a non-zero exit, nothing lost or written."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -941,3 +942,19 @@ def test_opening_a_checkpoint_read_only_logs_no_warning_and_other_warnings_still
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("Given directory is read only=elsewhere") == 1 and "another warning" in messages
     assert not any(str(LEGACY_OIHW) in m and "read only" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_eval_names_missing_fid_weights_before_it_samples(reference_run, tmp_path):
+    """The weights (and a classifier metric's labels) were first looked at after --num images were drawn: at
+    eval's defaults, hours later."""
+    result = _run(_cmd("eval", "--ckpt", str(reference_run[0]), "--num", "4", "--metric", "inception",
+                       "--fid-weights", str(tmp_path / "pt_inception.pth")), tmp_path)
+    _one_line_error(result, 1, "FID Inception weights not found", str(tmp_path / "pt_inception.pth"))
+    assert "sampler" not in result.stderr and "sampled" not in result.stderr  # nothing was drawn
+    (tmp_path / "pt_inception.pth").write_bytes(b"a torch file")  # where torch is not installed: named, not a traceback
+    result = _run(_cmd("eval", "--ckpt", str(reference_run[0]), "--num", "4", "--metric", "all",
+                       "--fid-weights", str(tmp_path / "pt_inception.pth")), tmp_path)
+    if importlib.util.find_spec("torch") is None:
+        _one_line_error(result, 1, "needs torch, which is not installed", "convert_pth_to_npz")
+        assert "sampler" not in result.stderr

@@ -32,7 +32,9 @@ from PIL import ImageOps
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_FORMAT_VERSION = "4"  # bump when imported datasets change (3: 16-bit grey scaled; 4: EXIF orientation): old imports are redone
+# Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
+# orientation applied. .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
+_FORMAT_VERSION = {"images": "4", "npz": "3"}
 _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
 
@@ -54,7 +56,7 @@ def import_path(path: Path, data_dir: Path) -> Path:
     if not images and not arrays:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .npz files found in {path}")
 
-    digest = hashlib.sha256(f"{_FORMAT_VERSION}\n{path}\n".encode())
+    digest = hashlib.sha256(f"{_FORMAT_VERSION['images' if images else 'npz']}\n{path}\n".encode())
     for p in files:
         stat = p.stat()
         digest.update(f"{p.relative_to(path) if p != path else p.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -67,16 +69,16 @@ def import_path(path: Path, data_dir: Path) -> Path:
         if (builder_dir / "dataset_info.json").exists():  # another process imported it while this one waited
             return builder_dir
         print(f"Importing {path} into {root} (once) ...", flush=True)
-        with no_stray_temp_dirs():
-            if images:
-                builder: _ImportedDataset = _folder_builder(path, images, root)
-            else:
-                builder = _npz_builder(path, arrays, root)
         try:
+            with no_stray_temp_dirs():
+                if images:
+                    builder: _ImportedDataset = _folder_builder(path, images, root)
+                else:
+                    builder = _npz_builder(path, arrays, root)
             builder.download_and_prepare(file_format="array_record")
         except DataError:
             raise
-        except Exception as err:  # a full disk, a file that vanished: nothing is taken as imported
+        except Exception as err:  # a full or read-only disk, a vanished file: nothing is taken as imported
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise DataError(f"importing {path} into {root} failed ({type(err).__name__}: {first}); fix that "
                             "(free space there?) and run again") from err
@@ -97,7 +99,7 @@ def _listing(root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: the same link wins on every disk
         found += [Path(folder) / n for n in names if not n.startswith(".") and (Path(folder) / n).is_file()]
     return sorted(found)
 
@@ -107,12 +109,19 @@ def exclusive(lock: Path) -> Iterator[None]:
     """Hold an advisory lock on the file ``lock`` (made if needed), waiting for another holder: the processes
     of a multi-process run on one disk prepare the same dataset, and the second would otherwise race the first
     into TFDS's final rename (``FileExistsError``); it now waits and finds the dataset ready. Where the file
-    system has no locks, nothing is held (as before)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
+    system has no locks, or the lock file cannot be made, nothing is held (as before)."""
+    try:  # read-only: another user's lock file in a shared data dir still locks
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:  # a data dir this process cannot write: the import itself will say so
+        yield
+        return
+    try:
         with contextlib.suppress(OSError):
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -244,11 +253,11 @@ def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
     if len(shapes) != 1:
         raise DataError(f"the .npz files of {root} have different image shapes: {sorted(shapes)}")
 
-    def make(p: Path) -> Any:  # (the arrays were checked above)
+    def make(p: Path) -> Any:
         def generate() -> Iterator[tuple[int, dict[str, Any]]]:
-            with np.load(p) as npz:
-                images = npz["image"].reshape((-1, *shape))
-                labels = npz["label"].astype(np.int64) if "label" in npz.files else np.zeros(len(images), np.int64)
+            image, label = _checked_arrays(p)  # as checked above (labels squeezed, bools counted as 0/1)
+            images = image.reshape((-1, *shape))
+            labels = label if label is not None else np.zeros(len(images), np.int64)
             for i in range(len(images)):
                 yield i, {"image": images[i], "label": labels[i]}
 
@@ -270,12 +279,16 @@ def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
 def _checked_arrays(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``p``'s ``image`` and ``label`` (None without one), or a ``DataError`` saying what is wrong with them."""
     try:
-        with np.load(p) as npz:
+        loaded = np.load(p)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy under an .npz name
+            raise ValueError("a single array, not named arrays")
+        with loaded as npz:
             keys = list(npz.files)
             image = npz["image"] if "image" in keys else None
             label = npz["label"] if "label" in keys else None
-    except (OSError, ValueError, EOFError) as err:  # not a zip, a pickled object array, a truncated file
-        raise DataError(f"{p} cannot be read as an .npz of arrays ({type(err).__name__}: {err}); save it "
+    except Exception as err:  # noqa: BLE001  (not a zip, truncated, a bad CRC, pickled objects ...)
+        first = (str(err).splitlines() or [""])[0][:160]
+        raise DataError(f"{p} cannot be read as an .npz of arrays ({type(err).__name__}: {first}); save it "
                         "with np.savez(path, image=..., label=...)") from None
     if image is None:
         raise DataError(f"{p} has no 'image' array (keys: {', '.join(keys)})")
@@ -286,6 +299,10 @@ def _checked_arrays(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"{p}: 'image' holds no images")
     if label is None:
         return image, None
+    if label.ndim == 2 and label.shape[1] == 1:  # [N, 1], as keras' datasets give them
+        label = label[:, 0]
+    if label.dtype == np.bool_:
+        label = label.astype(np.int64)
     if label.ndim != 1 or len(label) != len(image):
         raise DataError(f"{p}: 'label' must be one class index per image, shape ({len(image)},), got {label.shape}")
     if not (np.issubdtype(label.dtype, np.integer) or (np.issubdtype(label.dtype, np.floating)

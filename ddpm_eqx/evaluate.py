@@ -146,7 +146,8 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
 
     weights_path = _usable_weights(weights)
     model = load_inception(weights_path)
-    key = f"{hashlib.sha256(weights_path.read_bytes()).hexdigest()[:16]}-{REFERENCE_EXAMPLES}"
+    with open(weights_path, "rb") as f:  # streamed: ~95 MB
+        key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{REFERENCE_EXAMPLES}"
     path = cache_dir(cfg) / "inception_reference.npz"
     cached = None
     try:

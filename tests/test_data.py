@@ -509,7 +509,7 @@ def test_missing_archives_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.parametrize("label, message", [
     (np.arange(20) % 3, "shape (12,), got (20,)"), (np.arange(5), "shape (12,), got (5,)"),
-    (np.full((12, 1), 1), "shape (12,), got (12, 1)"), (np.eye(12, 3, dtype=np.int64), "shape (12,), got (12, 3)"),
+    (np.full((12, 2), 1), "shape (12,), got (12, 2)"), (np.eye(12, 3, dtype=np.int64), "shape (12,), got (12, 3)"),
     (np.linspace(0, 2.9, 12), "integer class indices, got float64"), (np.array(["a"] * 12), "integer class indices"),
     (np.r_[-1, np.zeros(11, np.int64)], "0..999999, got -1..0"), (np.r_[10**8, np.zeros(11, np.int64)], "got 0..100000000"),
 ])
@@ -520,16 +520,24 @@ def test_npz_labels_that_do_not_fit_the_images_are_refused(tmp_path: Path, label
     np.savez(path, image=np.zeros((12, 8, 8, 1), np.uint8), label=label)
     with pytest.raises(DataError, match=re.escape(message)):
         prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
-    np.savez(path, image=np.zeros((12, 8, 8, 1), np.uint8), label=np.arange(12.0) % 3)  # integral floats: fine
-    info = prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
-    assert info.num_classes == 3
+    for fine, classes in ((np.arange(12.0) % 3, 3), ((np.arange(12) % 4)[:, None], 4), (np.arange(12) % 2 == 1, 2)):
+        np.savez(path, image=np.zeros((12, 8, 8, 1), np.uint8), label=fine)  # integral floats, keras' [N, 1], bools
+        cfg = DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8)
+        assert prepare_dataset(cfg).num_classes == classes
+        np.testing.assert_array_equal(load_split_array(cfg, "train")[1], np.ravel(fine).astype(np.int64))
 
 
 def test_unreadable_or_empty_npz_files_are_one_line_errors(tmp_path: Path) -> None:
-    fake, empty = tmp_path / "fake.npz", tmp_path / "empty.npz"
+    fake, empty, torn, single = (tmp_path / f"{name}.npz" for name in ("fake", "empty", "torn", "single"))
     fake.write_text("not a zip")
     np.savez(empty, image=np.zeros((0, 8, 8), np.uint8))
-    for path, message in ((fake, "cannot be read as an .npz of arrays"), (empty, "'image' holds no images")):
+    np.savez(torn, image=np.zeros((12, 8, 8), np.uint8))
+    torn.write_bytes(torn.read_bytes()[:300])  # a copy cut short
+    with open(single, "wb") as f:
+        np.save(f, np.zeros((12, 8, 8), np.uint8))  # a .npy under an .npz name
+    for path, message in ((fake, "cannot be read as an .npz of arrays"), (empty, "'image' holds no images"),
+                          (torn, "cannot be read as an .npz of arrays (BadZipFile"),
+                          (single, "cannot be read as an .npz of arrays (ValueError: a single array")):
         with pytest.raises(DataError, match=re.escape(message)):
             prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
 
@@ -613,3 +621,42 @@ def test_two_processes_importing_one_folder_at_once_both_get_it(tmp_path: Path) 
     assert first.returncode == 0 and "{'train': 300}" in out1, err1[-2000:]
     assert second.returncode == 0 and "{'train': 300}" in out2, err2[-2000:]
     assert "Importing" not in out2  # the second waited for the first's import, and used it
+
+
+def test_the_dataset_lock_is_taken_read_only_and_never_stops_a_run(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock file is opened read-only (another user's, in a shared data dir, still locks), and a data dir
+    this process cannot write is no error of the lock's (the import says what is wrong)."""
+    from ddpm_eqx.data_import import exclusive
+
+    lock = tmp_path / "data" / ".x.lock"
+    with exclusive(lock):
+        pass
+    lock.chmod(0o444)
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")
+    with exclusive(lock):  # held: another process cannot take it
+        assert subprocess.run([sys.executable, "-c", probe, str(lock)]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", probe, str(lock)]).returncode == 0  # released
+
+    def refused(*args: Any, **kwargs: Any) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("ddpm_eqx.data_import.os.open", refused)
+    with exclusive(tmp_path / "elsewhere" / ".y.lock"):
+        pass
+
+
+def test_two_links_to_one_folder_give_the_same_class_on_every_disk(tmp_path: Path) -> None:
+    """os.walk visits folders in the file system's order (ext4: a per-disk hash): which of two links to one
+    folder kept its files, and so the classes, could differ between two copies of a dataset. Sorted: the first."""
+    from ddpm_eqx.data_import import _listing
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "1.png").write_bytes(b"")
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("b", "a", "c"):  # created out of order
+        (root / name).symlink_to(shared, target_is_directory=True)
+    assert [p.relative_to(root).as_posix() for p in _listing(root)] == ["a/1.png"]

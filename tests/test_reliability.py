@@ -715,6 +715,11 @@ def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(command, fashion
         monkeypatch.setattr(ddpm_eqx.generate_cli, "run_sample" if command == "sample" else "draw_images", failing)
         args = [command, "--ckpt", str(tmp_path / "run"), "--batch-size", "16"]
         what, fix = "--batch-size 16", "lower --batch-size"
+        if command == "eval":  # eval reads the run's config before it samples (what it needs is checked first)
+            from ddpm_eqx.config import Config, to_json
+
+            (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)
+            (tmp_path / "run" / "config.json").write_text(to_json(Config()))
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]

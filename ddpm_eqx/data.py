@@ -172,8 +172,8 @@ def _index_shuffle(
     enough for ``max_index``, walked to the end in NumPy."""
     index = np.asarray(index, np.int64)
     if max_index >= 2**14 and max_index >> _grains_block_bits(max_index):
-        bits = max_index.bit_length()
-        return _vectorised_index_shuffle(index, max_index, seed, rounds, block=max(bits + bits % 2, 16), own=True)
+        block = _block_bits(max_index.bit_length())  # max_index's own width: the block holds it
+        return _vectorised_index_shuffle(index, max_index, seed, rounds, block=block, own=True)
     # A minimal 16-bit block mostly out of range: long walks, cheaper in grain's C++.
     if max_index < 2**14 or not _vectorised_is_grains():
         return _grains_index_shuffle(index, max_index, seed, rounds)
@@ -182,8 +182,12 @@ def _index_shuffle(
 
 def _grains_block_bits(max_index: int) -> int:
     """The width of grain's cipher block for [0, max_index]: ``ceil(log2(max_index))`` taken through a double,
-    as its C++ does, rounded up to even, at least 16."""
-    bits = math.ceil(math.log2(float(max_index)))
+    as its C++ does (one bit short for a power of two), as a block (:func:`_block_bits`)."""
+    return _block_bits(math.ceil(math.log2(float(max_index))))
+
+
+def _block_bits(bits: int) -> int:
+    """A Feistel block for ``bits``-bit indices: two equal halves (rounded up to even), at least 16 bits."""
     return max(bits + bits % 2, 16)
 
 

@@ -42,6 +42,16 @@ class DataError(ValueError):
     """Unusable data or settings; the one-line message says what to do (re-exported by ``data``)."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of ``err``'s message, cut at ``limit`` characters: its reason in a one-line error."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
+def safe_name(text: str) -> str:
+    """``text`` with each character a file name in the data dir should not hold replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
 def import_path(path: Path, data_dir: Path) -> Path:
     """Return the builder directory of ``path``'s import, converting it first when needed."""
     path = path.expanduser().resolve()
@@ -60,7 +70,7 @@ def import_path(path: Path, data_dir: Path) -> Path:
     for p in files:
         stat = p.stat()
         digest.update(f"{p.relative_to(path) if p != path else p.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:40] or "data"
+    name = safe_name(path.stem)[:40] or "data"
     root = data_dir / "ddpm_eqx_imports" / f"{name}-{digest.hexdigest()[:16]}"
     builder_dir = root / _ImportedDataset.name / str(_ImportedDataset.VERSION)
     if (builder_dir / "dataset_info.json").exists():  # TFDS renames a finished build into place
@@ -79,9 +89,9 @@ def import_path(path: Path, data_dir: Path) -> Path:
         except DataError:
             raise
         except Exception as err:  # a full or read-only disk, a vanished file: nothing is taken as imported
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            raise DataError(f"importing {path} into {root} failed ({type(err).__name__}: {first}); fix that "
-                            "(free space there?) and run again") from err
+            reason = f"{type(err).__name__}: {first_line(err, 200)}"
+            raise DataError(f"importing {path} into {root} failed ({reason}); fix that (free space there?) and run "
+                            "again") from err
     if builder.skipped:
         warnings.warn(
             f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. {builder.skipped[0]}", stacklevel=3
@@ -287,9 +297,9 @@ def _checked_arrays(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
             image = npz["image"] if "image" in keys else None
             label = npz["label"] if "label" in keys else None
     except Exception as err:  # noqa: BLE001  (not a zip, truncated, a bad CRC, pickled objects ...)
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise DataError(f"{p} cannot be read as an .npz of arrays ({type(err).__name__}: {first}); save it "
-                        "with np.savez(path, image=..., label=...)") from None
+        reason = f"{type(err).__name__}: {first_line(err, 160)}"
+        raise DataError(f"{p} cannot be read as an .npz of arrays ({reason}); save it with np.savez(path, "
+                        "image=..., label=...)") from None
     if image is None:
         raise DataError(f"{p} has no 'image' array (keys: {', '.join(keys)})")
     if image.dtype != np.uint8 or image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[-1] not in (1, 3)):

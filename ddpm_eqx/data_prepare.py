@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ddpm_eqx.config import DataConfig
-from ddpm_eqx.data_import import DataError, exclusive, import_path, no_stray_temp_dirs
+from ddpm_eqx.data_import import DataError, exclusive, first_line, import_path, no_stray_temp_dirs, safe_name
 
 _TFDS_NAME = re.compile(r"[a-z0-9_]+(/[\w.-]+)?(:[\d.*]+)?")
 _CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
@@ -48,10 +48,6 @@ def _manual_dir(cfg: DataConfig) -> Path:
     return Path(cfg.manual_dir).expanduser() if cfg.manual_dir else data_dir_of(cfg) / "downloads" / "manual"
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]
-
-
 def _tfds_builder(name: str, data_dir: Path) -> tfds.core.DatasetBuilder:
     try:
         with no_stray_temp_dirs():
@@ -64,7 +60,7 @@ def _tfds_builder(name: str, data_dir: Path) -> tfds.core.DatasetBuilder:
             f"`python -c 'import tensorflow_datasets as t; print(t.list_builders())'` or see {_CATALOG}"
         ) from None
     except Exception as err:  # a bad config or version, e.g. 'mnist:9.9.9'
-        raise DataError(f"cannot load the TFDS builder {name!r}: {_first_line(err)}") from err
+        raise DataError(f"cannot load the TFDS builder {name!r}: {first_line(err)}") from err
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -118,7 +114,7 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, cfg: DataConfig, do
         )
     except Exception as err:
         hint = f"; {where}" if missing else ""
-        raise DataError(f"preparing {name} failed: {type(err).__name__}: {_first_line(err)}{hint}") from err
+        raise DataError(f"preparing {name} failed: {type(err).__name__}: {first_line(err)}{hint}") from err
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -138,7 +134,7 @@ def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.Dat
     feature_keys(builder)  # a dataset without images fails here, before any download
     if not _is_prepared(builder):
         # One process prepares, the others of a multi-process run on this disk wait and read it (see exclusive).
-        with exclusive(data_dir / f".{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.ddpm_eqx.lock"):
+        with exclusive(data_dir / f".{safe_name(name)}.ddpm_eqx.lock"):
             builder = _tfds_builder(name, data_dir)  # as it is now: another process may have prepared it
             if not _is_prepared(builder):
                 _download_and_prepare(builder, cfg, download)

@@ -346,6 +346,8 @@ def eval_(
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100, or the model's timesteps if fewer)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Noise seed (0..2^32-1)")] = 0,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale (class-conditional "
+                                                         "models; the classes are drawn in turn)")] = 1.0,
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
     fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
@@ -364,14 +366,14 @@ def eval_(
     from ddpm_eqx.generate_cli import SampleRequest, draw_images
 
     request = SampleRequest(ckpt=ckpt, step=step, num=num, batch_size=batch_size, sampler=sampler,
-                            steps=steps, eta=eta, seed=seed, default_steps=100,
+                            steps=steps, eta=eta, seed=seed, guidance=guidance, default_steps=100,
                             trace_cache=trace_cache.default_directory())
     try:
         from ddpm_eqx.config import from_json
         from ddpm_eqx.evaluate import check_metrics_available, evaluate_images
-        from ddpm_eqx.generate_cli import find_run
+        from ddpm_eqx.generate_cli import resolve_step
 
-        run = find_run(ckpt)[0]  # what would fail after the sampling, checked before it
+        run = resolve_step(ckpt, step)[0]  # what would fail after the sampling (or the data's preparation), first
         check_metrics_available(from_json((run / "config.json").read_text()), metric, fid_weights)  # type: ignore[arg-type]
         cfg, images, used_step = draw_images(request)
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
@@ -381,7 +383,7 @@ def eval_(
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise
     results = {"ckpt": str(run), "step": used_step, "num": num, "sampler": sampler, "steps": request.steps_for(cfg),
-               "eta": eta, "seed": seed, **results}
+               "eta": eta, "seed": seed, **({"guidance": guidance} if guidance != 1.0 else {}), **results}
     typer.echo(json.dumps(results, indent=2))  # first: an --out that cannot be written loses nothing
     if out is not None:
         try:

@@ -3,7 +3,9 @@
 Two kinds of input:
 
 - a folder of images (png/jpg/jpeg/webp/bmp, searched recursively). When every image sits in a
-  top-level subfolder, the subfolders are the classes (sorted names -> labels 0, 1, ...).
+  top-level subfolder, the subfolders holding images are the classes (sorted names -> labels 0, 1, ...);
+  images beside the subfolders make the folder one without classes (with a warning naming them).
+  Transparent pixels are composited on white.
 - an ``.npz`` file with ``image`` (uint8 [N, H, W] or [N, H, W, C]) and optionally ``label``, or a
   folder of such files, one split each (``*train*`` -> train, ``*test*`` -> test, ``*val*`` ->
   validation). A single file is the ``train`` split.
@@ -33,8 +35,8 @@ from PIL import ImageOps
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 # Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
-# orientation applied. .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
-_FORMAT_VERSION = {"images": "4", "npz": "3"}
+# orientation applied; 5, grey images with transparency composited on white (as colour ones were). .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
+_FORMAT_VERSION = {"images": "5", "npz": "3"}
 _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
 
@@ -65,6 +67,9 @@ def import_path(path: Path, data_dir: Path) -> Path:
     arrays = [p for p in files if p.suffix.lower() == ".npz"]
     if not images and not arrays:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .npz files found in {path}")
+    if images and arrays:
+        raise DataError(f"{path} holds both images ({len(images)}, e.g. {images[0].relative_to(path)}) and .npz files "
+                        f"({arrays[0].relative_to(path)}): point --dataset at a folder of one kind")
 
     digest = hashlib.sha256(f"{_FORMAT_VERSION['images' if images else 'npz']}\n{path}\n".encode())
     for p in files:
@@ -73,10 +78,13 @@ def import_path(path: Path, data_dir: Path) -> Path:
     name = safe_name(path.stem)[:40] or "data"
     root = data_dir / "ddpm_eqx_imports" / f"{name}-{digest.hexdigest()[:16]}"
     builder_dir = root / _ImportedDataset.name / str(_ImportedDataset.VERSION)
+    notes = root / "warnings.txt"  # what the import warned of (files left out, no classes), warned on every use
     if (builder_dir / "dataset_info.json").exists():  # TFDS renames a finished build into place
+        _warn(notes)
         return builder_dir
     with exclusive(root.parent / f".{root.name}.lock"):
         if (builder_dir / "dataset_info.json").exists():  # another process imported it while this one waited
+            _warn(notes)
             return builder_dir
         print(f"Importing {path} into {root} (once) ...", flush=True)
         try:
@@ -92,11 +100,20 @@ def import_path(path: Path, data_dir: Path) -> Path:
             reason = f"{type(err).__name__}: {first_line(err, 200)}"
             raise DataError(f"importing {path} into {root} failed ({reason}); fix that (free space there?) and run "
                             "again") from err
-    if builder.skipped:
-        warnings.warn(
-            f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. {builder.skipped[0]}", stacklevel=3
-        )
+        if builder.skipped:
+            builder.notes.append(f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. "
+                                 f"{builder.skipped[0]}")
+        if builder.notes:
+            notes.write_text("".join(f"{note}\n" for note in builder.notes))
+    _warn(notes)
     return builder_dir
+
+
+def _warn(notes: Path) -> None:
+    """Repeat an import's warnings (one per line of ``notes``, if any): a later run is told as the first was."""
+    if notes.is_file():
+        for note in notes.read_text().splitlines():
+            warnings.warn(note, stacklevel=3)
 
 
 def _listing(root: Path) -> list[Path]:
@@ -164,6 +181,7 @@ class _ImportedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._splits = splits  # split name -> a zero-argument function yielding (key, example)
         self._description = description
         self.skipped: list[str] = []
+        self.notes: list[str] = []  # warnings for the user, repeated on every use of the import
         super().__init__(data_dir=str(data_dir), file_format="array_record")
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -185,7 +203,20 @@ class _ImportedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDataset:
     top = [p.relative_to(root).parts for p in images]
-    classes = sorted({parts[0] for parts in top}) if all(len(parts) > 1 for parts in top) else []
+    loose = [p for p, parts in zip(images, top) if len(parts) == 1]
+    classes = sorted({parts[0] for parts in top}) if not loose else []
+    notes = []
+    if loose and len(loose) < len(images):
+        folders = sorted({parts[0] for parts in top if len(parts) > 1})
+        notes.append(f"{len(loose)} image(s) of {root} sit beside its subfolders (e.g. {loose[0].name}), so it is "
+                     f"imported without classes; move them into a class folder to make classes of the "
+                     f"{len(folders)} subfolders ({_some(folders)})")
+    if classes:
+        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                       and d.name not in classes)
+        if empty:
+            notes.append(f"subfolder(s) of {root} without images are no class: {_some(empty)} (labels "
+                         f"0..{len(classes) - 1} go to the {len(classes)} folders with images, in sorted order)")
     class_of = {name: i for i, name in enumerate(classes)}
     # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
     # files that are not images at all; truncated files show up later, when decoded.
@@ -219,23 +250,29 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
         features=features, splits={"train": generate}, description=f"Images imported from {root}", data_dir=out
     )
     builder.skipped.extend(skipped)
+    builder.notes.extend(notes)
     return builder
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
     """The file's own bytes when they decode to ``mode`` as they are, else a converted PIL image."""
     with PILImage.open(path) as opened:
         opened.load()
-        if opened.format in ("PNG", "JPEG") and opened.mode == mode and opened.getexif().get(0x0112, 1) == 1:
+        as_is = opened.mode == mode and "transparency" not in opened.info and opened.getexif().get(0x0112, 1) == 1
+        if opened.format in ("PNG", "JPEG") and as_is:
             return path.read_bytes()
         im = ImageOps.exif_transpose(opened)  # a camera's orientation tag: stored upright (a copy where rotated)
         if im.mode.startswith("I"):
             # 16-bit grey (PIL opens 16-bit PNGs as I;16, or I in older versions): convert clips it at 255.
             scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
             return PILImage.fromarray(scaled, "L").convert(mode)
-        if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:  # composite on white
             background = PILImage.new("RGBA", im.size, (255, 255, 255, 255))
-            return PILImage.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+            return PILImage.alpha_composite(background, im.convert("RGBA")).convert(mode)
         return im.convert(mode)
 
 

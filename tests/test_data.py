@@ -396,7 +396,7 @@ def test_random_flip(small_npz: tuple[str, str]) -> None:
 # --- imports -------------------------------------------------------------------------------------
 
 
-def test_image_folder(tmp_path: Path) -> None:
+def test_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "images"
     rng = np.random.default_rng(0)
     for cls, value in (("cats", 40), ("dogs", 200)):
@@ -415,10 +415,13 @@ def test_image_folder(tmp_path: Path) -> None:
     images, labels = load_split_array(cfg, "train")
     assert images.shape == (24, 8, 8, 3) and np.bincount(labels).tolist() == [12, 12]
     assert abs(images[labels == 0].mean() - 40) < 5 and abs(images[labels == 1].mean() - 200) < 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # imported once: no second conversion, no second warning
+    assert "Importing" in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # imported once: no second conversion, the warning repeated for this run
         batch = next(iterator(dataclasses.replace(cfg, batch_size=8), seed=0))
-    assert batch["image"].shape == (8, 3, 8, 8)
+    assert batch["image"].shape == (8, 3, 8, 8) and "Importing" not in capsys.readouterr().out
+    assert {str(w.message) for w in caught} == {f"skipped 1 unreadable file(s) of {folder}, e.g. "
+                                                f"{folder / 'cats' / 'broken.png'}"}
     assert sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*")) == listing  # the folder is untouched
 
     (tmp_path / "empty").mkdir()
@@ -559,6 +562,53 @@ def test_folder_classes_skip_hidden_folders_and_follow_linked_ones(tmp_path: Pat
     assert info.num_classes == 2 and info.splits == {"train": 5}
     images, labels = load_split_array(cfg, "train")
     assert sorted(zip(labels.tolist(), images[:, 0, 0, 0].tolist())) == [(0, 30), (0, 30), (1, 220), (1, 220), (1, 220)]
+
+
+def test_loose_images_empty_class_folders_and_mixed_kinds_are_named(tmp_path: Path) -> None:
+    """A stray image beside the class folders silently made the whole folder unlabelled; a class folder without
+    images silently shifted the labels of the ones after it; .npz files beside images were silently ignored."""
+    folder = tmp_path / "pets"
+    for sub in ("cat", "dog", "emu"):
+        (folder / sub).mkdir(parents=True)
+    for sub, value in (("cat", 30), ("emu", 220)):
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(folder / sub / "0.png")
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8)
+    for _ in range(2):  # the import, then a later run's use of it: warned both times
+        with pytest.warns(UserWarning, match=r"subfolder\(s\) of .*pets without images are no class: dog \(labels "
+                                             r"0..1 go to the 2 folders with images"):
+            assert prepare_dataset(cfg).num_classes == 2
+    assert load_split_array(cfg, "train")[1].tolist() == [0, 1]
+
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(folder / "readme.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) of .*pets sit beside its subfolders \(e.g. readme.png\), so "
+                                         r"it is imported without classes; .* classes of the 2 subfolders \(cat, emu\)"):
+        info = prepare_dataset(cfg)
+    assert info.num_classes == 1 and info.splits == {"train": 3}
+
+    np.savez(folder / "extra.npz", image=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"pets holds both images \(3, e.g. .*\) and .npz files \(extra.npz\): "
+                                        "point --dataset at a folder of one kind"):
+        prepare_dataset(cfg)
+
+
+def test_transparent_pixels_are_white_in_grey_and_colour_imports(tmp_path: Path) -> None:
+    """A grey image with alpha became its underlying grey (often black) where a colour one was composited on
+    white; an 8-bit grey PNG with a transparent value kept it."""
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    grey.mkdir(), colour.mkdir()
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[:, 4:] = 255  # left half transparent, right half opaque
+    dark = np.full((8, 8), 20, np.uint8)
+    Image.fromarray(np.stack([dark, alpha], -1), "LA").save(grey / "la.png")
+    Image.fromarray(dark).save(grey / "keyed.png", transparency=20)  # every pixel is the transparent value
+    Image.fromarray(np.stack([dark, dark, dark, alpha], -1), "RGBA").save(colour / "rgba.png")
+    expected_grey = np.where(alpha == 255, 20, 255)
+    images, _ = load_split_array(DataConfig(dataset=str(grey), data_dir=str(tmp_path / "tfds"), image_size=8), "train")
+    np.testing.assert_array_equal(images[0, :, :, 0], np.full((8, 8), 255))  # keyed.png (sorted first)
+    np.testing.assert_array_equal(images[1, :, :, 0], expected_grey)
+    cfg = DataConfig(dataset=str(colour), data_dir=str(tmp_path / "tfds"), image_size=8, channels=3)
+    images, _ = load_split_array(cfg, "train")
+    np.testing.assert_array_equal(images[0], np.repeat(expected_grey[:, :, None], 3, -1))
 
 
 def test_a_photo_with_an_exif_orientation_is_stored_upright(tmp_path: Path) -> None:

@@ -950,6 +950,44 @@ def test_opening_a_checkpoint_read_only_logs_no_warning_and_other_warnings_still
 
 
 @pytest.mark.slow
+def test_eval_checks_step_and_guidance_before_the_data_or_the_sampling(reference_run, tmp_path, monkeypatch):
+    """A missing --step was found after the classifier metric prepared the dataset (hours for a large one);
+    --guidance is eval's too (the usual sweep of a class-conditional model) and refused where it does nothing."""
+    import ddpm_eqx.evaluate as evaluate
+    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.generate_cli import resolve_step
+
+    run = reference_run[0]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert resolve_step(run, steps[0]) == (run, run / "checkpoints", steps[0])
+    assert resolve_step(run / "checkpoints" / str(steps[-1])) == (run, run / "checkpoints", steps[-1])
+    assert resolve_step(run) == (run, run / "checkpoints", None)
+    with pytest.raises(CheckpointError, match=rf"no checkpoint for step 7 in .*; steps there: \[{steps[0]}"):
+        resolve_step(run, 7)
+    with pytest.raises(CheckpointError, match=f"names step {steps[-1]}'s folder but --step is 7"):
+        resolve_step(run / "checkpoints" / str(steps[-1]), 7)
+
+    result = _run(_cmd("eval", "--ckpt", str(run), "--num", "4", "--metric", "classifier", "--step", "7",
+                       "--steps", "2"), tmp_path)
+    _one_line_error(result, 1, "no checkpoint for step 7", "steps there")
+    assert "sampler" not in result.stderr and "Importing" not in result.stdout
+    result = _run(_cmd("eval", "--ckpt", str(run), "--num", "4", "--metric", "classifier", "--steps", "2",
+                       "--guidance", "2"), tmp_path)
+    _one_line_error(result, 1, "--guidance 2.0: this model is not class-conditional; drop --guidance")
+
+    # In process: the order itself (the dataset is prepared already here, so a subprocess cannot see it).
+    prepared = []
+    monkeypatch.setattr(evaluate, "check_labelled", lambda cfg: prepared.append(cfg))
+    from typer.testing import CliRunner
+
+    import cli
+
+    outcome = CliRunner().invoke(cli.app, ["eval", "--ckpt", str(run), "--num", "4", "--metric", "classifier",
+                                           "--step", "7", "--steps", "2"])
+    assert outcome.exit_code == 1 and not prepared
+
+
+@pytest.mark.slow
 def test_eval_names_missing_fid_weights_before_it_samples(reference_run, tmp_path):
     """The weights (and a classifier metric's labels) were first looked at after --num images were drawn: at
     eval's defaults, hours later."""

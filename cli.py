@@ -302,7 +302,7 @@ def sample(
     num: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddpm",
-    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: all)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100, or the model's timesteps if fewer)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Noise seed (0..2^32-1)")] = 0,
     label: Annotated[Optional[int], typer.Option(help="Class for a class-conditional model")] = None,
@@ -324,7 +324,7 @@ def sample(
 
     request = SampleRequest(ckpt=ckpt, step=step, out=out, npz=npz, num=num, batch_size=batch_size,
                             sampler=sampler, steps=steps, eta=eta, seed=seed, label=label, guidance=guidance,
-                            trajectory=trajectory, trace_cache=trace_cache.default_directory())
+                            trajectory=trajectory, default_steps=100, trace_cache=trace_cache.default_directory())
     try:
         written = run_sample(request)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

@@ -160,6 +160,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
 def run_sample(req: SampleRequest) -> list[Path]:
     setup_logging()
     cfg, model, step = load_ema_model(req.ckpt, req.step)
+    req = dataclasses.replace(req, steps=req.steps_for(cfg))  # the grid's default name gives the steps drawn
     images, setup = _draw(req, cfg, model)
     labels = setup.labels
     run = find_run(req.ckpt)[0]

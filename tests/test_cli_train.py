@@ -4,6 +4,7 @@ metrics, samples, resume, exact resume after SIGKILL, SIGTERM, override errors, 
 import json
 import os
 import signal
+import shutil
 import subprocess
 import time
 
@@ -144,6 +145,19 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     assert scores["fd_classifier"] > 1.0 and np.isfinite(scores["kid_classifier"])
     assert scores["classifier_test_accuracy"] > 0.7  # trained at the run's 8x8 resolution
     assert "FID Inception weights not found" in scores["fid_unavailable"]
+
+
+@pytest.mark.slow
+def test_sample_ddim_defaults_to_100_steps_and_names_them(reference_run, tmp_path):
+    """`sample --sampler ddim` drew all 1000 steps by default (./run.sh main computed min(100, T) itself); now
+    as eval: 100, or the model's timesteps where fewer, and the default grid name says which."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run[0], run)
+    result = subprocess.run(_cmd("sample", "--ckpt", str(run), "--num", "4", "--sampler", "ddim"),
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = run / "samples" / "sample_8_ddim100_n4_seed0.png"
+    assert result.stdout.split() == [str(grid)] and grid.is_file()
 
 
 @pytest.mark.parametrize(

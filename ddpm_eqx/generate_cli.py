@@ -87,7 +87,7 @@ def resolve_step(ckpt: Path, step: int | None = None) -> tuple[Path, Path, int |
 
 def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
     """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
-    from ddpm_eqx.train import earlier_layouts, state_skeleton
+    from ddpm_eqx.state import earlier_layouts, state_skeleton
 
     run, ckpt_dir, step = resolve_step(ckpt, step)
     cfg = from_json((run / "config.json").read_text())

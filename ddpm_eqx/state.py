@@ -8,13 +8,17 @@ from ema-pytorch), where ``epoch`` counts steps since ``update_after_step``.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from ddpm_eqx.config import EMAConfig, OptimConfig
+from ddpm_eqx.config import Config, EMAConfig, OptimConfig
+from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
+from ddpm_eqx.unet import UNet, make_unet
 
 
 class TrainState(eqx.Module):
@@ -114,3 +118,38 @@ def ema_update(cfg: EMAConfig, ema_model: PyTree, model: PyTree, step: Int[Array
     params = eqx.filter(model, eqx.is_inexact_array)
     new = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)
     return eqx.combine(new, static)
+
+
+# --- the state of a config --------------------------------------------------------------------
+
+
+def build_model(cfg: Config) -> UNet:
+    return make_unet(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                     self_condition=cfg.ddpm.self_condition, key=jax.random.key(cfg.seed))
+
+
+def build_state(cfg: Config) -> tuple[TrainState, GaussianDiffusion, Any]:
+    optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
+    state = init_state(build_model(cfg), optimizer)
+    return state, make_diffusion(cfg.ddpm, cfg.training.loss_type), optimizer
+
+
+def state_skeleton(cfg: Config) -> TrainState:
+    """``build_state(cfg)``'s state as shapes only (``jax.ShapeDtypeStruct`` leaves): what a checkpoint is
+    restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
+    (~15 s for the seed's U-Net)."""
+    return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
+
+
+def earlier_layouts(cfg: Config, skeleton: TrainState) -> list[tuple[TrainState, Callable[[TrainState], TrainState]]]:
+    """The state's earlier layouts (:func:`ddpm_eqx.state.earlier_optimizers`) with their conversion to
+    ``skeleton``'s: what ``Checkpointer.restore`` reads checkpoints of an older ddpm-eqx with."""
+    params = eqx.filter(skeleton.model, trainable(skeleton.model))
+    current = jax.tree_util.tree_structure(skeleton.opt_state)
+
+    def convert(state: TrainState) -> TrainState:
+        leaves = jax.tree_util.tree_leaves(state.opt_state)
+        return eqx.tree_at(lambda s: s.opt_state, state, jax.tree_util.tree_unflatten(current, leaves))
+
+    return [(eqx.tree_at(lambda s: s.opt_state, skeleton, jax.eval_shape(opt.init, params)), convert)
+            for opt in earlier_optimizers(cfg.optim, cfg.training.num_train_steps)]

@@ -26,15 +26,16 @@ from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts
 from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
-from ddpm_eqx.diffusion import GaussianDiffusion, make_diffusion
+from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
 from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb
 from ddpm_eqx.parallel import check_divisible, make_mesh, replicate, shard_batch
-from ddpm_eqx.state import TrainState, earlier_optimizers, init_state, make_optimizer, trainable
+from ddpm_eqx.state import (  # the builders live beside the state (sample needs them, not the data)
+    TrainState, build_model, build_state, earlier_layouts, init_state, make_optimizer, state_skeleton,
+)
 from ddpm_eqx.step import make_train_step
-from ddpm_eqx.unet import UNet, make_unet
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,38 +48,6 @@ class TrainResult:
     step: int
     stopped_by_signal: bool
     traces: int
-
-
-def build_model(cfg: Config) -> UNet:
-    return make_unet(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                     self_condition=cfg.ddpm.self_condition, key=jax.random.key(cfg.seed))
-
-
-def build_state(cfg: Config) -> tuple[TrainState, GaussianDiffusion, Any]:
-    optimizer = make_optimizer(cfg.optim, cfg.training.num_train_steps)
-    state = init_state(build_model(cfg), optimizer)
-    return state, make_diffusion(cfg.ddpm, cfg.training.loss_type), optimizer
-
-
-def state_skeleton(cfg: Config) -> TrainState:
-    """``build_state(cfg)``'s state as shapes only (``jax.ShapeDtypeStruct`` leaves): what a checkpoint is
-    restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
-    (~15 s for the seed's U-Net)."""
-    return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
-
-
-def earlier_layouts(cfg: Config, skeleton: TrainState) -> list[tuple[TrainState, Callable[[TrainState], TrainState]]]:
-    """The state's earlier layouts (:func:`ddpm_eqx.state.earlier_optimizers`) with their conversion to
-    ``skeleton``'s: what ``Checkpointer.restore`` reads checkpoints of an older ddpm-eqx with."""
-    params = eqx.filter(skeleton.model, trainable(skeleton.model))
-    current = jax.tree_util.tree_structure(skeleton.opt_state)
-
-    def convert(state: TrainState) -> TrainState:
-        leaves = jax.tree_util.tree_leaves(state.opt_state)
-        return eqx.tree_at(lambda s: s.opt_state, state, jax.tree_util.tree_unflatten(current, leaves))
-
-    return [(eqx.tree_at(lambda s: s.opt_state, skeleton, jax.eval_shape(opt.init, params)), convert)
-            for opt in earlier_optimizers(cfg.optim, cfg.training.num_train_steps)]
 
 
 class _StopFlag:

@@ -150,11 +150,17 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
 @pytest.mark.slow
 def test_sample_ddim_defaults_to_100_steps_and_names_them(reference_run, tmp_path):
     """`sample --sampler ddim` drew all 1000 steps by default (./run.sh main computed min(100, T) itself); now
-    as eval: 100, or the model's timesteps where fewer, and the default grid name says which."""
+    as eval: 100, or the model's timesteps where fewer, and the default grid name says which. It imports no
+    data libraries (it imported TFDS and Grain through the state's builders in train.py)."""
     run = tmp_path / "run"
     shutil.copytree(reference_run[0], run)
+    env = _env(tmp_path)  # and sample reads no data: TFDS and Grain (~1.5 s of imports) are never loaded
+    for module in ("tensorflow_datasets", "grain"):
+        (tmp_path / "no_data" / module).mkdir(parents=True)
+        (tmp_path / "no_data" / module / "__init__.py").write_text(f"raise ImportError('sample imported {module}')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "no_data"), env["PYTHONPATH"]])
     result = subprocess.run(_cmd("sample", "--ckpt", str(run), "--num", "4", "--sampler", "ddim"),
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     grid = run / "samples" / "sample_8_ddim100_n4_seed0.png"
     assert result.stdout.split() == [str(grid)] and grid.is_file()

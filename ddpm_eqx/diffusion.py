@@ -79,6 +79,8 @@ class GaussianDiffusion(eqx.Module):
         min_snr_gamma: float | None = None,
         offset_noise_strength: float = 0.0,
     ):
+        _check_process(timesteps=timesteps, objective=objective, loss_type=loss_type, min_snr_gamma=min_snr_gamma,
+                       offset_noise_strength=offset_noise_strength)
         self.timesteps = timesteps
         self.objective = objective
         self.loss_type = loss_type
@@ -136,6 +138,7 @@ class GaussianDiffusion(eqx.Module):
         With ``clip_x0`` the x_0 estimate is clipped to the data range [-1, 1] and eps is re-derived
         from it, so the two stay consistent (as DDIM sampling needs).
         """
+        check_output(model_output, x_t)
         if self.objective == "pred_noise":
             pred_noise = model_output
             pred_x0 = self.predict_start_from_noise(x_t, t, pred_noise)
@@ -157,6 +160,42 @@ class GaussianDiffusion(eqx.Module):
         if self.objective == "pred_x0":
             return x0
         return self.predict_v(x0, t, noise)
+
+
+_OBJECTIVES, _LOSS_TYPES = ("pred_noise", "pred_x0", "pred_v"), ("l1", "l2")
+
+
+def _check_process(*, timesteps: int, objective: str, loss_type: str, min_snr_gamma: float | None,
+                   offset_noise_strength: float) -> None:
+    """One-line errors for arguments that would otherwise fall through to another branch (an unknown objective
+    trained as pred_v, an unknown loss as l2) or divide by zero."""
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}")
+    if loss_type not in _LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(_LOSS_TYPES)}, got {loss_type!r}")
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be positive, got {timesteps}")
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be positive (None: no min-SNR weighting), got {min_snr_gamma}")
+    if not offset_noise_strength >= 0:
+        raise ValueError(f"offset_noise_strength must be >= 0, got {offset_noise_strength}")
+
+
+def check_output(model_output: Array, x: Array) -> None:
+    """The network must predict an image of ``x``'s shape (a U-Net with ``out_dim`` = its ``channels``): a
+    narrower output was broadcast against x_t (trained and sampled silently), a wider one failed deep inside."""
+    if model_output.shape != x.shape:
+        raise ValueError(f"the network's output has shape {model_output.shape}, the images {x.shape}: the process "
+                         "needs an image back (a UNet's out_dim must equal its channels)")
+
+
+def check_model(process: GaussianDiffusion, model: object) -> None:
+    """A network built for self-conditioning with a process without it (or the other way round) ran silently:
+    the self-conditioning pass was thrown away, or the network was sampled with zeros for its second input."""
+    wants = getattr(model, "self_condition", None)
+    if isinstance(wants, bool) and wants != process.self_condition:
+        raise ValueError(f"the network was built with self_condition={wants}, the process with "
+                         f"self_condition={process.self_condition}; build both with the same value")
 
 
 def loss_weights(
@@ -212,7 +251,13 @@ def diffusion_loss(
     Pass ``use_self_cond`` (one coin for the whole batch, unbatched under ``vmap``) to keep the
     extra forward pass a real branch: a per-example coin under ``vmap`` makes ``lax.cond`` a select
     that always pays for both branches.
+
+    ``label`` is used as given: for classifier-free guidance the null class must be trained too, by
+    replacing labels with it (index ``num_classes``) with some probability, as
+    ``ddpm_eqx.step.example_loss`` does with the config's ``training.cond_drop_prob``; a model never
+    trained on it is guided by an untrained embedding row.
     """
+    check_model(process, model)
     t_key, noise_key, offset_key, sc_key, sc_model_key, model_key = jax.random.split(key, 6)
     t = jax.random.randint(t_key, (), 0, process.timesteps)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
@@ -236,6 +281,7 @@ def diffusion_loss(
         x_self_cond = jax.lax.cond(use, estimate_x0, lambda: jnp.zeros_like(x0))
 
     out = model(x_t, t, x_self_cond=x_self_cond, label=label, key=model_key, inference=False)
+    check_output(out, x_t)
     diff = out - process.target(x0, t, noise)
     per_pixel = jnp.abs(diff) if process.loss_type == "l1" else jnp.square(diff)
     return jnp.mean(per_pixel) * process.loss_weight[t]

@@ -8,31 +8,33 @@ guidance (Ho & Salimans 2022) for class-conditional models.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, overload
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ddpm_eqx._types import Image, Images, Keys, Label
-from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion
+from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, check_model
 
 Sampler = Literal["ddpm", "ddim"]
 Guided = Callable[[Image, Int[Array, ""], "Image | None"], Image]
 
 
-def guided(model: Denoiser, label: Label | None, guidance: float) -> Guided:
+def guided(model: Denoiser, label: Label | None, guidance: float | Float[Array, ""] | None) -> Guided:
     """The network as the samplers call it.
 
     For a class-conditional model with ``label`` set, the output is
     ``uncond + guidance * (cond - uncond)`` (Ho & Salimans 2022, eq. 6 with w = guidance - 1):
-    1 is plain conditional sampling, larger values trade diversity for fidelity.
+    1 is plain conditional sampling, larger values trade diversity for fidelity. ``guidance`` may be an
+    array (one program for every value); None, like 1, is no guidance (one network call per step).
     """
 
     def call(x: Image, t: Int[Array, ""], x_self_cond: Image | None) -> Image:
         cond = model(x, t, x_self_cond=x_self_cond, label=label)
-        if label is None or guidance == 1.0:
+        if label is None or guidance is None or (isinstance(guidance, (int, float)) and guidance == 1.0):
             return cond
         uncond = model(x, t, x_self_cond=x_self_cond, label=None)
         return uncond + guidance * (cond - uncond)
@@ -105,7 +107,7 @@ def sample_image(
         ts = jnp.arange(process.timesteps - 1, -1, -1, dtype=jnp.int32)
         t_prevs = ts - 1
     else:
-        ts, t_prevs = ddim_timesteps(process.timesteps, steps or process.timesteps)
+        ts, t_prevs = ddim_timesteps(process.timesteps, process.timesteps if steps is None else steps)
 
     def body(carry: tuple[Image, Image], inputs: tuple[Array, Array, Array]) -> tuple[tuple[Image, Image], Image]:
         x, x0 = carry
@@ -123,7 +125,30 @@ def sample_image(
     return jnp.clip(x, -1.0, 1.0), path
 
 
-@eqx.filter_jit
+@overload
+def sample(
+    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    guidance: float | Float[Array, ""] = ..., return_path: Literal[False] = ...,
+) -> Images: ...
+
+
+@overload
+def sample(
+    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    guidance: float | Float[Array, ""] = ..., return_path: Literal[True],
+) -> tuple[Images, Float[Array, "b n c h w"]]: ...
+
+
+@overload
+def sample(
+    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    guidance: float | Float[Array, ""] = ..., return_path: bool = ...,
+) -> Images | tuple[Images, Float[Array, "b n c h w"]]: ...
+
+
 def sample(
     process: GaussianDiffusion,
     model: Denoiser,
@@ -134,15 +159,49 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     labels: Int[Array, " b"] | None = None,
-    guidance: float = 1.0,
+    guidance: float | Float[Array, ""] = 1.0,
     return_path: bool = False,
 ) -> Images | tuple[Images, Float[Array, "b n c h w"]]:
-    """Draw ``len(keys)`` images, one per key (the same key gives the same image in any batch).
+    """Draw ``len(keys)`` images, one per key (the same key gives the same image in any batch, up to float
+    rounding: XLA may order a batch's arithmetic differently). Compiled once per shapes and options.
 
-    ``labels`` (class-conditional models) picks each image's class, with ``guidance`` as in ``guided``.
+    ``labels`` (class-conditional models) picks each image's class, with ``guidance`` as in ``guided``: another
+    guidance value reuses the compiled program. ``steps`` is DDIM's (None: all T); ``eta`` DDIM's noise.
     ``return_path`` also returns every intermediate x_t (memory: steps x image size per image).
     """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if sampler == "ddpm" and (steps not in (None, process.timesteps) or eta != 0.0):
+        raise ValueError("steps and eta are DDIM's: DDPM runs all the process's timesteps with its own noise; "
+                         "pass sampler='ddim'")
+    if steps is not None and not 1 <= steps <= process.timesteps:
+        raise ValueError(f"DDIM steps must be in 1..{process.timesteps}, got {steps}")
+    check_model(process, model)
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and isinstance(num_classes, int) and not isinstance(labels, jax.core.Tracer):
+        values = np.asarray(labels)
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"labels must be classes 0..{num_classes - 1} (None: unconditional), got "
+                             f"{values.min()}..{values.max()}")  # the embedding would clamp them to the null class
+    guide = None if labels is None or (isinstance(guidance, (int, float)) and guidance == 1.0) else guidance
+    return _sample(process, model, keys, shape, sampler=sampler, steps=steps, eta=eta, labels=labels,
+                   guidance=None if guide is None else jnp.asarray(guide, jnp.float32), return_path=return_path)
 
+
+@eqx.filter_jit
+def _sample(
+    process: GaussianDiffusion,
+    model: Denoiser,
+    keys: Keys,
+    shape: tuple[int, int, int],
+    *,
+    sampler: Sampler,
+    steps: int | None,
+    eta: float,
+    labels: Int[Array, " b"] | None,
+    guidance: Float[Array, ""] | None,
+    return_path: bool,
+) -> Images | tuple[Images, Float[Array, "b n c h w"]]:
     def one(key: PRNGKeyArray, label: Label | None) -> tuple[Image, Float[Array, "n c h w"]]:
         denoise = guided(model, label, guidance)
         return sample_image(process, denoise, shape, key=key, sampler=sampler, steps=steps, eta=eta)

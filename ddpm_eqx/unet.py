@@ -35,6 +35,28 @@ from ddpm_eqx.layers import (
 )
 
 
+def _check_widths(*, dim: int, channels: int, init_dim: int, out_dim: int | None, dim_mults: tuple[int, ...],
+                  groups: int, num_classes: int | None, downsample: str) -> None:
+    """One-line errors for widths the blocks would reject deep inside (GroupNorm's "groups must divide the
+    channels") or silently take (an unknown ``downsample``)."""
+    for name, value in (("dim", dim), ("channels", channels), ("init_dim", init_dim), ("resnet_block_groups", groups)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if out_dim is not None and out_dim < 1:
+        raise ValueError(f"out_dim must be positive, got {out_dim}")
+    if not dim_mults or min(dim_mults) < 1:
+        raise ValueError(f"dim_mults must be positive multipliers, got {dim_mults}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be positive (or None: unconditional), got {num_classes}")
+    if downsample not in ("conv", "pixel_unshuffle"):
+        raise ValueError(f"downsample must be 'conv' or 'pixel_unshuffle', got {downsample!r}")
+    widths = {"dim": dim, "init_dim": init_dim, **{f"dim * {m}": dim * m for m in dim_mults if m != 1}}
+    bad = [f"{name} = {width}" for name, width in widths.items() if width % groups]
+    if bad:
+        raise ValueError(f"resnet_block_groups={groups} must divide every block's width ({', '.join(bad)}): pick dim "
+                         f"and init_dim as multiples of {groups}, or another resnet_block_groups")
+
+
 def _check_image_size(image_size: int | tuple[int, int], num_levels: int) -> tuple[int, int]:
     """Each of the ``num_levels - 1`` downsamples halves H and W exactly, or the skips would not line up."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -115,11 +137,13 @@ class UNet(eqx.Module):
         num_classes: int | None = None,
     ):
         dim_mults = tuple(dim_mults)
+        init_dim = dim if init_dim is None else init_dim
+        _check_widths(dim=dim, channels=channels, init_dim=init_dim, out_dim=out_dim, dim_mults=dim_mults,
+                      groups=resnet_block_groups, num_classes=num_classes, downsample=downsample)
         self.image_size = _check_image_size(image_size, len(dim_mults))
         self.channels, self.dim_mults, self.dropout = channels, dim_mults, dropout
         self.self_condition, self.num_classes = self_condition, num_classes
         self.out_dim = channels if out_dim is None else out_dim
-        init_dim = dim if init_dim is None else init_dim
         time_dim = 4 * dim
         keys = iter(jax.random.split(key, 8 + 8 * len(dim_mults)))
 

@@ -242,3 +242,56 @@ def test_offset_noise_adds_a_per_channel_constant():
     shift = 0.5 * jax.random.normal(offset_key, (2, 1, 1))
     np.testing.assert_allclose(diffusion_loss(offset, model, x0, key=key), jnp.mean((noise + shift) ** 2), rtol=1e-6)
     np.testing.assert_allclose(diffusion_loss(base, model, x0, key=key), jnp.mean(noise**2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timesteps": 0}, "timesteps must be positive, got 0"),
+    ({"min_snr_gamma": 0.0}, r"min_snr_gamma must be positive \(None: no min-SNR weighting\), got 0.0"),
+    ({"offset_noise_strength": -0.1}, "offset_noise_strength must be >= 0"),
+])
+def test_process_arguments_that_would_fall_through_are_errors(kwargs, message):
+    """An unknown objective trained as pred_v and an unknown loss as l2, silently; min_snr_gamma=0 zeroed every
+    weight; timesteps=0 divided by zero."""
+    with pytest.raises(ValueError, match=message):
+        GaussianDiffusion(**kwargs)
+    # The Literal arguments: the tests' import hook refuses them first (a TypeError), so the check users without
+    # it meet is called itself.
+    from ddpm_eqx.diffusion import _check_process
+
+    plain = {"timesteps": 10, "objective": "pred_noise", "loss_type": "l1", "min_snr_gamma": None,
+             "offset_noise_strength": 0.0}
+    with pytest.raises(ValueError, match="objective must be one of pred_noise, pred_x0, pred_v, got 'pred_eps'"):
+        _check_process(**{**plain, "objective": "pred_eps"})
+    with pytest.raises(ValueError, match="loss_type must be one of l1, l2, got 'huber'"):
+        _check_process(**{**plain, "loss_type": "huber"})
+
+
+class Narrow(eqx.Module):
+    """A network answering with ``channels`` channels whatever the image has."""
+
+    channels: int = eqx.field(static=True)
+    self_condition: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, x, t, *, x_self_cond=None, label=None, key=None, inference=True):
+        return jnp.zeros((self.channels, *x.shape[1:]), x.dtype)
+
+
+def test_the_network_must_return_an_image_and_match_the_process_self_conditioning():
+    """A 1-channel output for 3-channel images was broadcast into the loss (and the sampler) silently; a model
+    and a process that disagreed about self-conditioning ran silently too."""
+    from ddpm_eqx.sample import sample
+
+    process = GaussianDiffusion(timesteps=30)
+    x0 = jnp.zeros((3, 4, 4))
+    np.testing.assert_array_equal(diffusion_loss(process, Narrow(3), x0, key=jax.random.key(0)) >= 0, True)
+    narrow = r"output has shape \(1, 4, 4\), the images \(3, 4, 4\): .* out_dim must equal its channels"
+    with pytest.raises(ValueError, match=narrow):
+        diffusion_loss(process, Narrow(1), x0, key=jax.random.key(0))
+    draw = lambda m: sample(process, m, jax.random.split(jax.random.key(0), 2), (3, 4, 4))  # noqa: E731
+    with pytest.raises((ValueError, TypeError), match=f"{narrow}|Actual value: f32\\[1,4,4\\]"):  # the hook's, first
+        draw(Narrow(1))
+    for call in (lambda m: diffusion_loss(process, m, x0, key=jax.random.key(0)), draw):
+        with pytest.raises(ValueError, match="built with self_condition=True, the process with self_condition=False"):
+            call(Narrow(3, self_condition=True))
+    with pytest.raises(ValueError, match="built with self_condition=False, the process with self_condition=True"):
+        diffusion_loss(GaussianDiffusion(timesteps=30, self_condition=True), Narrow(3), x0, key=jax.random.key(0))

@@ -126,6 +126,46 @@ def test_ddim_timesteps_and_eta_validation():
     assert np.all(np.diff(np.asarray(ts)) < 0)
 
 
+def test_options_a_sampler_would_ignore_and_labels_out_of_range_are_errors():
+    """DDPM ignored steps (and steps=0 ran all T); a label past the classes clamped to the null class, drawing
+    unconditional images for a conditional request."""
+    from ddpm_eqx.unet import UNet
+
+    process = GaussianDiffusion(timesteps=20, beta_schedule_name="cosine")
+    keys = jax.random.split(jax.random.key(0), 2)
+    net = lambda x, t, **kw: x  # noqa: E731
+    for kwargs in ({"steps": 5}, {"eta": 0.5}):
+        with pytest.raises(ValueError, match="steps and eta are DDIM's"):
+            sample(process, net, keys, (1, 4, 4), **kwargs)
+    assert sample(process, net, keys, (1, 4, 4), steps=20).shape == (2, 1, 4, 4)  # all T: what DDPM runs
+    with pytest.raises(ValueError, match="DDIM steps must be in 1..20, got 0"):
+        sample(process, net, keys, (1, 4, 4), sampler="ddim", steps=0)
+    with pytest.raises((ValueError, TypeError), match="sampler must be 'ddpm' or 'ddim', got 'DDIM'|Literal"):
+        sample(process, net, keys, (1, 4, 4), sampler="DDIM")  # type: ignore[arg-type]  (a TypeError under the hook)
+    model = UNet(dim=8, channels=1, image_size=8, dim_mults=(1, 2), attn_dim_head=8, num_classes=3,
+                 key=jax.random.key(1))
+    for labels in ([0, 3], [-1, 2]):
+        with pytest.raises(ValueError, match=r"labels must be classes 0..2 \(None: unconditional\)"):
+            sample(process, model, keys, (1, 8, 8), labels=jnp.array(labels), sampler="ddim", steps=1)
+
+
+def test_another_guidance_reuses_the_compiled_sampler():
+    """guidance was a static argument: a guidance sweep compiled the whole sampler again for every value."""
+    from ddpm_eqx import sample as sample_module
+
+    process = _process(T=20, schedule="cosine")
+    oracle = GaussianOracle(process.alphas_cumprod, 0.0, 0.2, "pred_x0", label_shift=0.1)
+    keys, labels = jax.random.split(jax.random.key(3), 2), jnp.array([0, 2])
+    sample_module._sample._cached.clear_cache()  # type: ignore[attr-defined]
+    draws = [sample(process, oracle, keys, (1, 4, 4), labels=labels, guidance=g, sampler="ddim", steps=4)
+             for g in (2.0, 3.0, 4.0)]
+    assert sample_module._sample._cached._cache_size() == 1  # type: ignore[attr-defined]
+    assert not np.allclose(draws[0], draws[1])
+    # guidance 1 is no guidance: one network call per step, bitwise the plain conditional draw
+    np.testing.assert_array_equal(sample(process, oracle, keys, (1, 4, 4), labels=labels, guidance=1.0),
+                                  sample(process, oracle, keys, (1, 4, 4), labels=labels))
+
+
 # (timesteps, steps) of a short and a long sampler: DDPM runs every timestep, DDIM a chosen number of them.
 @pytest.mark.parametrize("sampler, few, many", [("ddpm", (10, None), (1000, None)), ("ddim", (1000, 10), (1000, 1000))])
 def test_the_sampler_program_does_not_grow_with_the_number_of_steps(sampler, few, many):

@@ -90,6 +90,29 @@ def test_bad_image_size_names_working_sizes(image_size, dim_mults, message):
         UNet(dim=8, channels=1, image_size=image_size, dim_mults=dim_mults, key=key(0))
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dim": 12}, r"resnet_block_groups=8 must divide every block's width \(dim = 12, init_dim = 12\): pick dim and "
+                      "init_dim as multiples of 8"),
+        ({"init_dim": 4}, r"\(init_dim = 4\)"),
+        ({"dim": 8, "resnet_block_groups": 3}, r"resnet_block_groups=3 .*\(dim = 8, init_dim = 8, dim \* 2 = 16\)"),
+        ({"channels": 0}, "channels must be positive, got 0"),
+        ({"num_classes": 0}, r"num_classes must be positive \(or None: unconditional\), got 0"),
+        ({"dim_mults": (1, 0)}, r"dim_mults must be positive multipliers, got \(1, 0\)"),
+    ],
+)
+def test_widths_the_blocks_cannot_take_are_named(options, message):
+    """GroupNorm's "The number of groups must divide the number of channels" named none of the options."""
+    with pytest.raises(ValueError, match=message):
+        UNet(**{"dim": 8, "channels": 1, "image_size": 8, "dim_mults": (1, 2), "key": key(0), **options})
+    from ddpm_eqx.unet import _check_widths  # an unknown downsample (a Literal: the tests' hook refuses it first)
+
+    with pytest.raises(ValueError, match="downsample must be 'conv' or 'pixel_unshuffle', got 'pixelunshuffle'"):
+        _check_widths(dim=8, channels=1, init_dim=8, out_dim=None, dim_mults=(1, 2), groups=8, num_classes=None,
+                      downsample="pixelunshuffle")
+
+
 def test_make_unet_maps_the_config():
     cfg = ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8, downsample="pixel_unshuffle",
                       learned_sinusoidal_cond=True, num_classes=3, out_dim=2)

@@ -16,7 +16,7 @@ import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped
 
-from ddpm_eqx._types import Image, Key, Label, Timestep
+from ddpm_eqx._types import Image, Key, Label, LabelLike, Timestep
 from ddpm_eqx.config import ModelConfig
 from ddpm_eqx.layers import (
     Attention,
@@ -209,11 +209,13 @@ class UNet(eqx.Module):
         t: Timestep,
         *,
         x_self_cond: Image | None = None,
-        label: Label | None = None,
+        label: LabelLike | None = None,
         key: Key | None = None,
         inference: bool = True,
     ) -> Float[Array, "c_out h w"]:
-        """Predict from one noisy image ``x`` at timestep ``t``; dropout only with ``inference=False``."""
+        """Predict from one noisy image ``x`` at timestep ``t`` (an array or a number); dropout only with
+        ``inference=False``."""
+        t, label = jnp.asarray(t), None if label is None else jnp.asarray(label)
         self._check_call(x, label, key, inference)
         if self.self_condition:
             x_self_cond = jnp.zeros_like(x) if x_self_cond is None else x_self_cond

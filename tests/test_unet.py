@@ -189,6 +189,15 @@ def test_featured_defaults_are_zeros_and_null_class(featured):
     np.testing.assert_allclose(defaults, explicit, rtol=1e-6, atol=1e-6)
 
 
+def test_timestep_and_label_may_be_numbers(featured):
+    """A Python or NumPy timestep or label was a type-check error (the call is always checked), where JAX's own
+    functions take them."""
+    x = normal((1, 8, 8), 1)
+    reference = featured(x, jnp.int32(7), label=jnp.int32(2))
+    for t, label in ((7, 2), (np.int32(7), np.int64(2)), (7.0, 2)):
+        np.testing.assert_array_equal(featured(x, t, label=label), reference)
+
+
 def test_self_condition_and_label_change_the_output(featured):
     base = run(featured, cond=jnp.zeros((1, 8, 8)), label=jnp.array(0), key=key(5))
     assert not jnp.allclose(base, run(featured, cond=normal((1, 8, 8), 2), label=jnp.array(0), key=key(5)))

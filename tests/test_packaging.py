@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -117,3 +118,27 @@ def test_run_sh_installs_the_cuda_plugin_where_nvidia_smi_lists_a_gpu(tmp_path):
     assert extra(failing_driver) == no_gpu
     assert extra('echo "GPU 0: NVIDIA H200 (UUID: GPU-5c1e)"', DDPM_EQX_JAX_EXTRA="cuda13") == "cuda13"
     assert extra('echo "GPU 0: NVIDIA H200 (UUID: GPU-5c1e)"', DDPM_EQX_JAX_EXTRA="") == ""
+
+
+def test_a_users_script_outside_the_checkout_is_type_checked_against_the_package(tmp_path):
+    """With setuptools' default editable install (an import hook) mypy found no ``ddpm_eqx`` in a user's script
+    and every imported type was Any; run.sh installs it in compat mode (a path). The overloads of ``sample``
+    give ``Array`` without ``return_path``."""
+    script = tmp_path / "user.py"
+    script.write_text(textwrap.dedent("""\
+        import jax
+        from ddpm_eqx.diffusion import GaussianDiffusion
+        from ddpm_eqx.sample import sample
+        from ddpm_eqx.unet import UNet
+
+        model = UNet(dim=8, channels=1, image_size=8, key=jax.random.key(0))
+        process = GaussianDiffusion(timesteps=30)
+        keys = jax.random.split(jax.random.key(1), 2)
+        images: jax.Array = sample(process, model, keys, (1, 8, 8))
+        pair: tuple[jax.Array, jax.Array] = sample(process, model, keys, (1, 8, 8), return_path=True)
+        wrong: int = sample(process, model, keys, (1, 8, 8))
+    """))
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(script)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "user.py:11: error: Incompatible types in assignment" in errors[0], result.stdout

@@ -106,6 +106,11 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
 
 
 def resolve_config(dataset: Optional[str], config_file: Optional[Path], overrides: list[str]):  # noqa: ANN201
+    """The run's config: ``--config``, else ``configs/<dataset>.py``, else ``Config()`` for ``--dataset`` (whose image
+    size and channels :func:`ddpm_eqx.train.fit_to_data` then takes from the data); ``overrides`` on top. A
+    dataset given as a path is stored absolute (a relative one named another folder from elsewhere)."""
+    import dataclasses
+
     from ddpm_eqx import config as C
 
     if config_file is not None:
@@ -113,15 +118,20 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
     elif dataset is not None and (CONFIG_DIR / f"{dataset}.py").is_file():
         cfg = C.load_config_file(CONFIG_DIR / f"{dataset}.py")
     elif dataset is not None:
-        import dataclasses
-
         cfg = C.Config()
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
     else:
         raise C.ConfigError("give --dataset NAME (e.g. fashion_mnist, or a folder of images) or --config FILE")
     if dataset is not None and config_file is not None:
         overrides = [f"data.dataset={dataset}", *overrides]
-    return C.apply_overrides(cfg, overrides)
+    cfg = C.apply_overrides(cfg, overrides)
+    if (path := Path(cfg.data.dataset).expanduser()).exists():
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(path.resolve())))
+    return cfg
+
+
+def _without_config_file(dataset: Optional[str], config_file: Optional[Path]) -> bool:
+    return config_file is None and dataset is not None and not (CONFIG_DIR / f"{dataset}.py").is_file()
 
 
 def _config_differences(old: dict, new: dict) -> list[str]:
@@ -233,7 +243,8 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
 
 @app.command()
 def train(
-    dataset: Annotated[Optional[str], typer.Option(help="TFDS name (picks configs/NAME.py) or an image folder")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="TFDS name (picks configs/NAME.py if there is one), a folder of images or an .npz")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A config file with get_config()")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. optim.lr=2e-4 (repeatable)")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<dataset>)")] = None,
@@ -262,10 +273,15 @@ def train(
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx.data_import import DataError
     from ddpm_eqx import trace_cache
-    from ddpm_eqx.train import NonFiniteLossError, train as run_train, validate_setup, warn_if_undersized_machine
+    from ddpm_eqx.train import (
+        NonFiniteLossError, fit_to_data, train as run_train, validate_setup, warn_if_undersized_machine,
+    )
 
     workdir = (workdir or Path("runs") / Path(cfg.data.dataset).name).expanduser()
     try:  # everything that can be checked before a workdir is touched
+        if _without_config_file(dataset, config):
+            cfg, note = fit_to_data(cfg, explicit={s.split("=", 1)[0].strip() for s in set_ or []})
+            typer.echo(note, err=True)
         validate_setup(cfg)
     except ConfigError as e:
         fail(str(e), 2)

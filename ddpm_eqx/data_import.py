@@ -35,7 +35,8 @@ from PIL import ImageOps
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 # Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
-# orientation applied; 5, grey images with transparency composited on white (as colour ones were). .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
+# orientation applied; 5, grey images with transparency composited on white (as colour ones were), and the size in
+# the features where all images share one. .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
 _FORMAT_VERSION = {"images": "5", "npz": "3"}
 _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
@@ -220,11 +221,14 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
     class_of = {name: i for i, name in enumerate(classes)}
     # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
     # files that are not images at all; truncated files show up later, when decoded.
-    readable, skipped, modes = [], [], set()
+    readable, skipped, modes, sizes = [], [], set(), set()
     for p in images:
         try:
             with PILImage.open(p) as im:
                 modes.add(im.mode)
+                width, height = im.size
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored upright below: a quarter turn
+                sizes.add((width, height) if turned else (height, width))
             readable.append(p)
         except Exception:  # PIL raises many kinds of errors for broken files
             skipped.append(str(p))
@@ -242,8 +246,10 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
             label = class_of[p.relative_to(root).parts[0]] if classes else 0
             yield i, {"image": image, "label": label}  # int keys: with shuffling off TFDS keeps key order
 
+    # One size for all: stated in the features, so that a run can take its image size from the data.
+    height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)
     features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 1 if mode == "L" else 3)),
+        "image": tfds.features.Image(shape=(height, width, 1 if mode == "L" else 3)),
         "label": tfds.features.ClassLabel(names=classes or ["none"]),
     })
     builder = _ImportedDataset(

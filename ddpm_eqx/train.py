@@ -8,13 +8,14 @@ SIGTERM/SIGINT save a checkpoint at the current step and return cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import equinox as eqx
 import jax
@@ -369,6 +370,34 @@ def validate_setup(cfg: Config) -> None:
     if cfg.model.num_classes is not None and info.num_classes is not None and cfg.model.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                           f"{info.num_classes} classes; set model.num_classes={info.num_classes}")
+
+
+_LARGEST_FITTED = 128
+"""The largest image size taken from the data unasked: above it Config()'s U-Net would be slow and large."""
+
+
+def fit_to_data(cfg: Config, *, explicit: Collection[str] = ()) -> tuple[Config, str]:
+    """``cfg`` with ``data.image_size`` and ``data.channels`` taken from the dataset's images (prepared first),
+    except the keys in ``explicit`` (the user's ``--set``), and a line saying so: for ``--dataset`` without a
+    ``configs/<name>.py``, where ``Config()``'s 28x28 grey would otherwise resize and grey any data silently.
+    ``ConfigError`` where the images have no one square size and ``data.image_size`` was not given."""
+    info = prepare_dataset(cfg.data)
+    height, width, depth = (tuple(info.image_shape) + (None, None, None))[:3]
+    data = cfg.data
+    if "data.channels" not in explicit and depth is not None:
+        data = dataclasses.replace(data, channels=1 if depth == 1 else 3)
+    if "data.image_size" not in explicit:
+        if height is None or height != width or height > _LARGEST_FITTED:
+            shape = "of various sizes" if height is None or width is None else f"{height}x{width}"
+            raise ConfigError(f"the images of {cfg.data.dataset} are {shape}: choose the square size to train at "
+                              "with --set data.image_size=N, e.g. 32 or 64 (they are resized and centre-cropped to it)")
+        data = dataclasses.replace(data, image_size=int(height))
+    labels = (f"; its {info.num_classes} classes are not used (--set model.num_classes={info.num_classes} for a "
+              "class-conditional model)") if info.num_classes and info.num_classes > 1 and not cfg.model.num_classes else ""
+    note = (f"no configs/{Path(cfg.data.dataset).name}.py: data.image_size={data.image_size} and data.channels="
+            f"{data.channels} {'as given' if {'data.image_size', 'data.channels'} <= set(explicit) else 'from the data'}, "
+            f"the rest Config()'s defaults{labels}")
+    return dataclasses.replace(cfg, data=data), note
 
 
 def undersized_machine(cfg: Config) -> bool:

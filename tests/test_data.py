@@ -710,3 +710,43 @@ def test_two_links_to_one_folder_give_the_same_class_on_every_disk(tmp_path: Pat
     for name in ("b", "a", "c"):  # created out of order
         (root / name).symlink_to(shared, target_is_directory=True)
     assert [p.relative_to(root).as_posix() for p in _listing(root)] == ["a/1.png"]
+
+
+def test_a_dataset_without_a_config_file_takes_its_image_size_and_channels_from_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --dataset imgs/` trained 40x40 colour images as Config()'s 28x28 grey, silently."""
+    import cli
+    from ddpm_eqx.config import ConfigError
+    from ddpm_eqx.train import fit_to_data
+
+    folder = tmp_path / "imgs"
+    for cls in ("cats", "dogs"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / cls / f"{i}.png")
+    overrides = [f"data.data_dir={tmp_path / 'tfds'}"]
+    monkeypatch.chdir(tmp_path)
+    cfg = cli.resolve_config("imgs/", None, overrides)
+    assert cfg.data.dataset == str(folder.resolve())  # stored absolute: config.json names it from anywhere
+    fitted, note = fit_to_data(cfg)
+    assert (fitted.data.image_size, fitted.data.channels) == (40, 3) and fitted.model == cfg.model
+    assert "data.image_size=40 and data.channels=3 from the data" in note and "its 2 classes are not used" in note
+    kept, _ = fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)),
+                          explicit={"data.image_size"})
+    assert (kept.data.image_size, kept.data.channels) == (16, 3)
+
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(folder / "dogs" / "wide.png")
+    with pytest.raises(ConfigError, match=r"the images of .*imgs are of various sizes: choose the square size to train "
+                                          r"at with --set data.image_size=N"):
+        fit_to_data(cfg)
+    assert fit_to_data(cfg, explicit={"data.image_size"})[0].data.channels == 3
+
+    big = tmp_path / "big.npz"
+    np.savez(big, image=np.zeros((2, 256, 256), np.uint8))
+    with pytest.raises(ConfigError, match="are 256x256: choose"):
+        fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(big))))
+    small = tmp_path / "small.npz"
+    np.savez(small, image=np.zeros((2, 12, 12), np.uint8))
+    fitted, _ = fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(small))))
+    assert (fitted.data.image_size, fitted.data.channels) == (12, 1)

@@ -59,12 +59,12 @@ def _check_output(flag: str, path: Path | None, suffixes: tuple[str, ...]) -> Pa
     return path
 
 
-def _check_ddim_options(sampler: str, steps: int | None, eta: float) -> None:
+def _check_ddim_options(sampler: str | None, steps: int | None, eta: float | None) -> None:
     """--steps and --eta are DDIM's; with DDPM (every timestep, its own noise) they are an error, not a no-op."""
     if sampler == "ddpm" and steps is not None:
         fail(f"--steps {steps} sets the DDIM sampler's steps; DDPM runs all the model's timesteps: drop --steps or "
              "use --sampler ddim", 2)
-    if sampler == "ddpm" and eta != 0.0:
+    if sampler == "ddpm" and eta not in (None, 0.0):
         fail(f"--eta {eta} sets the DDIM sampler's noise; DDPM draws its own: drop --eta or use --sampler ddim", 2)
 
 
@@ -313,21 +313,25 @@ def train(
 def sample(
     ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>[_<options>]_seed<seed>.png)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.jpeg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>[_<options>]_seed<seed>.png)")] = None,
     npz: Annotated[Optional[Path], typer.Option(help="Also write the raw images (uint8 NHWC) here")] = None,
-    num: Annotated[int, typer.Option(min=1)] = 64,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddpm",
+    num: Annotated[int, typer.Option(min=1, help="Images to draw")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per sampler call (lower it for memory)")] = 64,
+    sampler: Annotated[Optional[str], typer.Option(
+        help="ddpm or ddim (default: the run's sampling.sampler, steps and eta, as its training grids; ddim where "
+             "--steps or --eta is given)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100, or the model's timesteps if fewer)")] = None,
-    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
+    eta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Noise seed (0..2^32-1)")] = 0,
     label: Annotated[Optional[int], typer.Option(help="Class for a class-conditional model")] = None,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale")] = 1.0,
+    guidance: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Classifier-free guidance scale (default: the run's sampling.guidance)")] = None,
     trajectory: Annotated[Optional[Path], typer.Option(help="Save the denoising path of 8 images (.gif/.png)")] = None,
-    host_devices: Annotated[Optional[int], typer.Option()] = None,
+    host_devices: Annotated[Optional[int], typer.Option(help="XLA devices to split a CPU into (default: its cores)")] = None,
 ) -> None:
     """Sample from a checkpoint's EMA weights into a PNG grid (same seed -> same images)."""
-    _check_choice("--sampler", sampler, SAMPLERS)
+    if sampler is not None:
+        _check_choice("--sampler", sampler, SAMPLERS)
     _check_ddim_options(sampler, steps, eta)
     ckpt = ckpt.expanduser()
     out = _check_output("--out", out, (".png", ".jpg", ".jpeg", ".webp"))
@@ -356,8 +360,8 @@ def sample(
 def eval_(
     ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     num: Annotated[int, typer.Option(min=2, help="Images to sample and score")] = 10_000,
-    step: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per sampler call (lower it for memory)")] = 256,
     sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: 100, or the model's timesteps if fewer)")] = None,
     eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise (0: deterministic, 1: DDPM's)")] = 0.0,
@@ -367,7 +371,7 @@ def eval_(
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
     fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
-    host_devices: Annotated[Optional[int], typer.Option()] = None,
+    host_devices: Annotated[Optional[int], typer.Option(help="XLA devices to split a CPU into (default: its cores)")] = None,
 ) -> None:
     """Sample --num images and score them against the training split (FID/KID and fd_classifier)."""
     _check_choice("--metric", metric, ("classifier", "inception", "all"))
@@ -398,7 +402,7 @@ def eval_(
     except RuntimeError as e:
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise
-    results = {"ckpt": str(run), "step": used_step, "num": num, "sampler": sampler, "steps": request.steps_for(cfg),
+    results = {"ckpt": str(run), "step": used_step, "num": num, "sampler": sampler, "steps": request.for_run(cfg).steps,
                "eta": eta, "seed": seed, **({"guidance": guidance} if guidance != 1.0 else {}), **results}
     typer.echo(json.dumps(results, indent=2))  # first: an --out that cannot be written loses nothing
     if out is not None:
@@ -412,7 +416,7 @@ def eval_(
 @data_app.command("prepare")
 def data_prepare(
     dataset: Annotated[str, typer.Argument(help="TFDS name or image folder / .npz")],
-    data_dir: Annotated[Optional[Path], typer.Option()] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")] = None,
     manual_dir: Annotated[Optional[Path], typer.Option(help="Archives to use instead of downloading")] = None,
 ) -> None:
     """Prepare a dataset as ArrayRecord (offline from --manual-dir when the archives are there)."""

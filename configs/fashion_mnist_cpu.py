@@ -1,8 +1,8 @@
 """Fashion-MNIST on a 2-core CPU: recognisable samples in about 30 minutes (figures in the README).
 
 The same process, loss (l1, eps-prediction, linear schedule, T=1000) and EMA as the seed's TPU config,
-with a U-Net of dim 16 (724k parameters instead of 10M) and batch 32: measured 1.55-1.75 steps/s on 2
-cores (2 XLA host devices); 2800 steps took 33.7 minutes end to end, so 2500 steps take about 30.
+with a U-Net of dim 16 (724k parameters instead of 10M) and batch 32: measured 1.40-1.72 steps/s (median
+1.52) on 2 cores (2 XLA host devices); 2800 steps took 33.7 minutes end to end, so 2500 steps take about 30.
 """
 
 import dataclasses

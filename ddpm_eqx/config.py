@@ -215,7 +215,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How sample grids during training are drawn (``ddpm-eqx sample`` flags override these)."""
+    """How sample grids during training are drawn, and ``ddpm-eqx sample``'s defaults for the run: its
+    ``--sampler``/``--steps``/``--eta`` replace the first three together, ``--guidance`` the guidance
+    (``eval`` has its own defaults: DDIM-100, eta 0, guidance 1)."""
 
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int | None = None

@@ -221,14 +221,15 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
     class_of = {name: i for i, name in enumerate(classes)}
     # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
     # files that are not images at all; truncated files show up later, when decoded.
-    readable, skipped, modes, sizes = [], [], set(), set()
+    readable, skipped, modes = [], [], set()
+    sizes: set[tuple[int, int]] = set()
     for p in images:
         try:
             with PILImage.open(p) as im:
                 modes.add(im.mode)
-                width, height = im.size
+                w, h = im.size
                 turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored upright below: a quarter turn
-                sizes.add((width, height) if turned else (height, width))
+                sizes.add((w, h) if turned else (h, w))
             readable.append(p)
         except Exception:  # PIL raises many kinds of errors for broken files
             skipped.append(str(p))
@@ -247,7 +248,7 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
             yield i, {"image": image, "label": label}  # int keys: with shuffling off TFDS keeps key order
 
     # One size for all: stated in the features, so that a run can take its image size from the data.
-    height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)
+    height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)  # (None, None): various
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(height, width, 1 if mode == "L" else 3)),
         "label": tfds.features.ClassLabel(names=classes or ["none"]),

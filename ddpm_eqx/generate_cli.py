@@ -29,23 +29,37 @@ class SampleRequest:
     npz: Path | None = None
     num: int = 64
     batch_size: int = 64
-    sampler: str = "ddpm"
+    sampler: str | None = None
+    """ddpm or ddim; None: the run's ``sampling.sampler`` (with its steps and eta), or ddim where ``steps`` or
+    ``eta`` is given."""
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     seed: int = 0
     label: int | None = None
-    guidance: float = 1.0
+    guidance: float | None = None
+    """None: the run's ``sampling.guidance``."""
     trajectory: Path | None = None
     trace_cache: Path | None = None
     """Where the traced sampler is kept for the next process (see :mod:`ddpm_eqx.trace_cache`)."""
     default_steps: int | None = None
     """DDIM steps where ``steps`` is None, at most the model's timesteps (None: all of them)."""
 
-    def steps_for(self, cfg: Config) -> int | None:
-        """The DDIM steps drawn for the model of ``cfg``: ``steps``, else ``default_steps`` up to its timesteps."""
-        if self.steps is not None or self.sampler != "ddim" or self.default_steps is None:
-            return self.steps
-        return min(self.default_steps, cfg.ddpm.timesteps)
+    def for_run(self, cfg: Config) -> SampleRequest:
+        """The request as drawn from the run of ``cfg``: what was not given taken from its ``sampling`` config
+        (how its training grids were drawn) where no sampler option is given at all; otherwise DDIM's steps
+        default to ``default_steps`` (at most the model's timesteps), its eta to 0. DDIM's steps are explicit."""
+        s, timesteps = cfg.sampling, cfg.ddpm.timesteps
+        guidance = s.guidance if self.guidance is None else self.guidance
+        sampler: str
+        if self.sampler is None and self.steps is None and self.eta is None:
+            sampler, steps, eta = s.sampler, s.steps, s.eta
+        else:
+            sampler, steps, eta = self.sampler or "ddim", self.steps, self.eta or 0.0
+            if steps is None and sampler == "ddim" and self.default_steps is not None:
+                steps = min(self.default_steps, timesteps)
+        if sampler == "ddim" and steps is None:
+            steps = timesteps
+        return dataclasses.replace(self, sampler=sampler, steps=steps, eta=eta, guidance=guidance)
 
 
 def find_run(ckpt: Path) -> tuple[Path, Path, int | None]:
@@ -128,6 +142,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
         raise ValueError(f"--label {req.label}: this model is not class-conditional; drop --label")
     if req.label is not None and not 0 <= req.label < (num_classes or 0):
         raise ValueError(f"--label {req.label} is out of range; this model has classes 0..{(num_classes or 1) - 1}")
+    req = req.for_run(cfg)
     if req.guidance != 1.0 and num_classes is None:
         raise ValueError(f"--guidance {req.guidance}: this model is not class-conditional; drop --guidance")
     if req.guidance != 1.0 and cfg.training.cond_drop_prob == 0:
@@ -135,7 +150,6 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
                          "never learnt the unconditional prediction guidance needs; drop --guidance")
     if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
         raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
-    req = dataclasses.replace(req, steps=req.steps_for(cfg))
     from ddpm_eqx.diffusion import make_diffusion
 
     mesh = make_mesh()
@@ -143,7 +157,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
     model = replicate(model, mesh)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler_name: Sampler = "ddim" if req.sampler == "ddim" else "ddpm"
-    kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta, guidance=req.guidance,
+    kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta or 0.0, guidance=req.guidance or 1.0,
                   conditional=num_classes is not None, trace_cache=req.trace_cache, determines=to_json(cfg))
     draw = ShardedSampler(process, model, shape, mesh, **kwargs)  # type: ignore[arg-type]
     keys = jax.random.split(jax.random.key(req.seed), req.num)
@@ -160,7 +174,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
 def run_sample(req: SampleRequest) -> list[Path]:
     setup_logging()
     cfg, model, step = load_ema_model(req.ckpt, req.step)
-    req = dataclasses.replace(req, steps=req.steps_for(cfg))  # the grid's default name gives the steps drawn
+    req = req.for_run(cfg)  # the grid's default name gives what was drawn
     images, setup = _draw(req, cfg, model)
     labels = setup.labels
     run = find_run(req.ckpt)[0]
@@ -184,7 +198,7 @@ def default_name(req: SampleRequest, step: int) -> str:
     """``sample_<step>_<sampler><steps>[_eta<e>][_label<l>][_guidance<g>][_n<num>]_seed<seed>.png``: every
     option that changes the grid, the ones at their defaults left out, so another draw never overwrites it."""
     extra = [f"eta{req.eta:g}" if req.eta else "", f"label{req.label}" if req.label is not None else "",
-             f"guidance{req.guidance:g}" if req.guidance != 1.0 else "", f"n{req.num}" if req.num != 64 else ""]
+             f"guidance{req.guidance:g}" if req.guidance not in (None, 1.0) else "", f"n{req.num}" if req.num != 64 else ""]
     return "_".join(["sample", str(step), f"{req.sampler}{req.steps or ''}", *filter(None, extra), f"seed{req.seed}"]) + ".png"
 
 

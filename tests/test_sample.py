@@ -207,7 +207,33 @@ def test_sample_file_names_and_eval_steps_follow_the_options_and_the_model():
     assert len(names) == 24 and "sample_7_ddim_eta0.5_label3_guidance2.5_n16_seed0.png" in names
 
     short = apply_overrides(Config(), ["ddpm.timesteps=50"])
-    evaluating = SampleRequest(ckpt=Path("run"), sampler="ddim", default_steps=100)
-    assert evaluating.steps_for(short) == 50 and evaluating.steps_for(Config()) == 100
-    assert SampleRequest(ckpt=Path("run"), sampler="ddim", steps=30, default_steps=100).steps_for(short) == 30
-    assert SampleRequest(ckpt=Path("run"), sampler="ddpm", default_steps=100).steps_for(short) is None
+    evaluating = SampleRequest(ckpt=Path("run"), sampler="ddim", eta=0.0, guidance=1.0, default_steps=100)
+    assert evaluating.for_run(short).steps == 50 and evaluating.for_run(Config()).steps == 100
+    assert SampleRequest(ckpt=Path("run"), sampler="ddim", steps=30, default_steps=100).for_run(short).steps == 30
+    assert SampleRequest(ckpt=Path("run"), sampler="ddpm", default_steps=100).for_run(short).steps is None
+
+
+def test_sample_draws_as_the_runs_training_grids_unless_told_otherwise():
+    """SamplingConfig said `ddpm-eqx sample` flags override it, but sample never read it: a run whose grids were
+    DDIM-100 was sampled with DDPM-1000 (minutes on a CPU), a run configured for guidance 3 at guidance 1."""
+    from pathlib import Path
+
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.generate_cli import SampleRequest, default_name
+
+    run = apply_overrides(Config(), ["model.num_classes=10", "sampling.sampler=ddim", "sampling.steps=40",
+                                     "sampling.eta=0.5", "sampling.guidance=3"])
+    asked = lambda **kw: SampleRequest(ckpt=Path("run"), default_steps=100, **kw).for_run(run)  # noqa: E731
+    got = asked()
+    assert (got.sampler, got.steps, got.eta, got.guidance) == ("ddim", 40, 0.5, 3.0)
+    assert default_name(got, 9) == "sample_9_ddim40_eta0.5_guidance3_seed0.png"
+    got = asked(steps=10)  # a sampler option given: the config's sampler settings are not mixed in
+    assert (got.sampler, got.steps, got.eta, got.guidance) == ("ddim", 10, 0.0, 3.0)
+    got = asked(sampler="ddpm", guidance=1.0)
+    assert (got.sampler, got.steps, got.eta, got.guidance) == ("ddpm", None, 0.0, 1.0)
+    got = asked(eta=1.0)
+    assert (got.sampler, got.steps, got.eta) == ("ddim", 100, 1.0)
+    plain = SampleRequest(ckpt=Path("run"), default_steps=100).for_run(Config())  # the seed's: DDPM, all steps
+    assert (plain.sampler, plain.steps, plain.eta, plain.guidance) == ("ddpm", None, 0.0, 1.0)
+    all_steps = apply_overrides(Config(), ["sampling.sampler=ddim"])  # DDIM over all T, as the grids: named so
+    assert SampleRequest(ckpt=Path("run"), default_steps=100).for_run(all_steps).steps == 1000

@@ -67,7 +67,15 @@ case "${1:-}" in
     else
       config=configs/fashion_mnist_cpu.py  # CPU only: about 25-40 minutes on 2 cores
     fi
+    # The run folder: runs/fashion_mnist, or the --workdir among the extra arguments (sampled from below too).
     workdir=runs/fashion_mnist
+    args=("$@")
+    for i in "${!args[@]}"; do
+      case "${args[$i]}" in
+        --workdir) workdir=${args[$((i + 1))]:-$workdir} ;;
+        --workdir=*) workdir=${args[$i]#--workdir=} ;;
+      esac
+    done
     "$VENV/bin/ddpm-eqx" train --config "$config" --workdir "$workdir" "$@"
     # DDIM's default steps: 100, or all of a model's timesteps when it has fewer (e.g. --set ddpm.timesteps=50).
     "$VENV/bin/ddpm-eqx" sample --ckpt "$workdir" --num 64 --sampler ddim --out "$workdir/final_samples.png"

@@ -142,3 +142,25 @@ def test_a_users_script_outside_the_checkout_is_type_checked_against_the_package
                             capture_output=True, text=True, timeout=600)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1 and "user.py:11: error: Incompatible types in assignment" in errors[0], result.stdout
+
+
+def test_run_sh_main_samples_the_workdir_it_trained(tmp_path):
+    """`./run.sh main --workdir elsewhere` trained there but sampled runs/fashion_mnist (a stale run, or none)."""
+    venv, log = tmp_path / "venv", tmp_path / "calls"
+    (venv / "bin").mkdir(parents=True)
+    fakes = {"pip": "exit 0",  # installs: nothing to do here
+             "python": 'if [ "$1" = "-m" ]; then exit 0; fi; exit 1',  # `-m uv pip install`; jax on the CPU
+             "ddpm-eqx": f'echo "$@" >> {log}'}
+    for name, body in fakes.items():
+        (venv / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        (venv / "bin" / name).chmod(0o755)
+    env = {**os.environ, "VENV": str(venv), "TFDS_DATA_DIR": str(tmp_path / "tfds"), "DDPM_EQX_JAX_EXTRA": ""}
+    for args, workdir in ((["--workdir", "elsewhere", "--set", "a=1"], "elsewhere"), (["--workdir=w2"], "w2"),
+                          (["--set", "a=1"], "runs/fashion_mnist")):
+        log.unlink(missing_ok=True)
+        subprocess.run([str(ROOT / "run.sh"), "main", *args], env=env, capture_output=True, text=True, timeout=60,
+                       check=True)
+        train, sample = log.read_text().splitlines()
+        assert train.startswith("train --config configs/fashion_mnist_cpu.py") and train.endswith(" ".join(args))
+        assert f"--workdir {workdir} " in f"{train} " or f"--workdir={workdir}" in train
+        assert sample.startswith(f"sample --ckpt {workdir} ") and f"--out {workdir}/final_samples.png" in sample

@@ -289,9 +289,7 @@ def train(
         fail(str(e).splitlines()[0], 1)
     import jax
 
-    undo: Callable[[], None] = lambda: None
-    if jax.process_index() == 0:  # one process owns config.json (others would race on it)
-        undo = _prepare_workdir(workdir, cfg, force)
+    undo = _prepare_run_folder(workdir, cfg, force, restore_from)
     warn_if_undersized_machine(cfg)
     if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
         quiet_failed_async_saves()
@@ -300,13 +298,67 @@ def train(
                            trace_cache=trace_cache.default_directory())
     except BaseException as e:
         undo()
+        message, code = None, 1
         if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError)):
             # OSError: e.g. EACCES
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1)
-        if isinstance(e, RuntimeError):
+            message, code = str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1
+        elif isinstance(e, RuntimeError):
             _fail_if_out_of_memory(e, f"data.batch_size={cfg.data.batch_size}", "lower it with --set data.batch_size=N")
+            if type(e).__name__ == "JaxRuntimeError" and jax.process_count() > 1:
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if message is not None and jax.process_count() > 1 and not os.environ.get("DDPM_EQX_DEBUG"):
+            if any(word in message for word in ("Gloo", "onnection", "heartbeat", "barrier", "UNAVAILABLE")):
+                # A collective with a process that died ("Connection reset by peer", a barrier timed out)
+                message = (f"a step across the processes failed ({message[:160]}): did another process of this run "
+                           "stop? Its checkpoints are intact: start every process again to resume")
+            # JAX's shutdown would wait ~100 s at exit for a dead peer, then abort with a native stack trace.
+            typer.echo(f"error: {message}", err=True)
+            sys.stderr.flush()
+            os._exit(code)
+        if message is not None:
+            fail(message, code)
         raise
     typer.echo(f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}; run in {workdir}")
+
+
+def _prepare_run_folder(workdir: Path, cfg, force: bool, restore_from: Optional[str]) -> Callable[[], None]:  # noqa: ANN001
+    """``_prepare_workdir`` on process 0 (others would race it on config.json), and for a multi-process run the
+    checks that the processes share one run: the same config, workdir and --restore-from (a mismatch trained
+    replicas that silently differed, hung at the first save, or aborted in a collective), process 0's outcome (its
+    refusal stopped only itself; the others hung), and a workdir they all see (checkpoints are written by all)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return _prepare_workdir(workdir, cfg, force)
+    from jax.experimental import multihost_utils
+
+    from ddpm_eqx.config import to_json
+    from ddpm_eqx.parallel import processes_differing
+
+    flags = {"config": to_json(cfg), "--workdir": str(workdir.resolve()), "--restore-from": str(restore_from)}
+    differ = {name: ps for name, ps in processes_differing(**flags).items() if ps}
+    if differ:
+        others = sorted({p for ps in differ.values() for p in ps})
+        fail(f"processes {others} were started with another {' and '.join(differ)} than process 0; start every "
+             "process of a run with the same flags", 2)
+    undo: Callable[[], None] = lambda: None
+    stopped: typer.Exit | None = None
+    if jax.process_index() == 0:
+        try:
+            undo = _prepare_workdir(workdir, cfg, force)
+        except typer.Exit as e:  # its one-line error is printed; the others are told below
+            stopped = e
+    multihost_utils.sync_global_devices("ddpm_eqx: workdir prepared")
+    if processes_differing(prepared=str(stopped is None))["prepared"]:  # process 0 and the others disagree
+        if stopped is not None:
+            raise stopped
+        fail(f"process 0 could not prepare {workdir} (its error says why)", 2)
+    path = workdir / "config.json"
+    shared = path.is_file() and path.read_text() == to_json(cfg)
+    if blind := processes_differing(sees=str(shared))["sees"]:
+        fail(f"processes {blind} do not see the {path} process 0 wrote: the processes of a run need its workdir on "
+             "one shared file system (every process writes its part of each checkpoint)", 2)
+    return undo
 
 
 @app.command()

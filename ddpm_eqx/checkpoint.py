@@ -256,8 +256,11 @@ class Checkpointer:
     def quarantine_after(self, step: int, *, folder: str = "checkpoints_unreadable",
                          why: str = "unreadable") -> list[Path]:
         """Move the checkpoints newer than ``step`` aside into ``<run>/<folder>/<step>-<time>`` (never delete),
-        so training redoes them: unreadable ones, or ones whose parameters give a non-finite loss."""
-        moved = []
+        so training redoes them: unreadable ones, or ones whose parameters give a non-finite loss. Only process 0
+        moves them (the others would race it on the same folders); the others reload after their next barrier."""
+        moved: list[Path] = []
+        if jax.process_index() != 0:
+            return moved
         for bad in [s for s in self.all_steps() if s > step]:
             target = self.directory.parent / folder / f"{bad}-{int(time.time())}"
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,23 @@ def batch_sharded(fn: Callable[..., Any], mesh: Mesh, in_specs: tuple[Any, ...],
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
+def processes_differing(**values: str) -> dict[str, list[int]]:
+    """For each named text, the processes whose copy differs from process 0's (empty where all agree): the
+    processes of a run must share its config and folders, and a mismatch shows up otherwise as a silently
+    inconsistent model, a collective that hangs, or a native abort. Every process must call it (a collective);
+    one process alone returns no differences."""
+    if jax.process_count() == 1:
+        return {name: [] for name in values}
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digests = np.stack([np.frombuffer(hashlib.sha256(v.encode()).digest()[:8], np.uint32) for v in values.values()])
+    gathered = np.asarray(multihost_utils.process_allgather(digests))  # [processes, names, 2]
+    return {name: [p for p in range(gathered.shape[0]) if (gathered[p, i] != gathered[0, i]).any()]
+            for i, name in enumerate(values)}
+
+
 def gather(x: jax.Array) -> np.ndarray:
     """A global array to host numpy on every process (all-gathers across processes when needed)."""
     if x.is_fully_addressable:

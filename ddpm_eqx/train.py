@@ -236,7 +236,12 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     if found is None:
         return None
     step, state, data_state, meta = found
-    ckpt.quarantine_after(step)
+    ckpt.quarantine_after(step)  # process 0 only
+    if jax.process_count() > 1:  # the others see the folders as process 0 left them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ddpm_eqx: unreadable checkpoints moved aside")
+        ckpt.manager.reload()
     if data_state:
         iterator.set_state(data_state)
     log.info("resumed from %s at step %d", source, step)
@@ -273,8 +278,7 @@ def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> No
         return
     step = pending[0]
     ckpt.wait()  # a save of step - 1 still being written
-    moved = ckpt.quarantine_after(step - 2, folder="checkpoints_nonfinite", why="non-finite-loss") if (
-        jax.process_index() == 0) else []
+    moved = ckpt.quarantine_after(step - 2, folder="checkpoints_nonfinite", why="non-finite-loss")  # process 0
     steps = [s for s in ckpt.all_steps() if s < step - 1]
     cause = f" (from step {step - 1}'s parameters, whose checkpoint moved to {moved[0]})" if moved else ""
     last = f"the last good checkpoint is step {steps[-1]}" if steps else "no good checkpoint remains"

@@ -190,7 +190,7 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["sample", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
-    (["sample", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
+    (["sample", "--sampler", "ddpm", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
                                   "drop --steps or use --sampler ddim"),
     (["eval", "--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5 sets the DDIM sampler's noise; DDPM draws its own: "
                                                     "drop --eta or use --sampler ddim"),

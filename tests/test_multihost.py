@@ -1,8 +1,10 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo collectives on CPU) train one model together."""
 
 import re
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -15,16 +17,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_dir, tmp_path):
-    workdir, port = tmp_path / "run", _free_port()
-    procs = []
+def _two_processes(data_dir, tmp_path, steps, *extra, each=None, streams=None):  # noqa: ANN001, ANN002, ANN202
+    """Start the two processes of a run in tmp_path/run (``each(pid)``: more arguments for one of them;
+    ``streams(pid)``: its stdout/stderr, pipes by default)."""
+    workdir, port, procs = tmp_path / "run", _free_port(), []
     for pid in range(2):
-        args = _train_args(fashion_mnist_data_dir, workdir, 4, SAMPLES)
+        args = _train_args(data_dir, workdir, steps, *extra)
         args = [a if a != "2" or args[i - 1] != "--host-devices" else "1" for i, a in enumerate(args)]
         args += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        args += each(pid) if each else []
+        procs.append(subprocess.Popen(args, env=_env(tmp_path), text=True, **(
+            streams(pid) if streams else {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE})))
+    return workdir, procs
+
+
+@pytest.mark.slow
+def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_dir, tmp_path):
+    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 4, SAMPLES)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -38,3 +47,57 @@ def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_di
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
     assert (workdir / "samples" / "step_4.png").is_file()
     assert len(_final_params(workdir, 4)) > 10
+    # A resume past an unreadable newest checkpoint: both processes moved it aside (process 1 then stopped on the
+    # vanished folder, the other hung), now process 0 moves it and both resume from step 2.
+    victim = max((p for p in (workdir / "checkpoints" / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:10])
+    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 6, SAMPLES)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "finished at step 6" in out, err[-3000:]
+        assert "resumed from" in err and "at step 2" in err
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == ["4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, named", [(["--set", "optim.lr=0.05"], "config"), (["--workdir", "elsewhere"],
+                                                                                 "--workdir")])
+def test_processes_started_with_other_flags_stop_with_one_line(fashion_mnist_data_dir, tmp_path, flag, named):
+    """Another lr on one process trained replicas that silently differed (the checkpoints saying the first lr);
+    another workdir hung both processes at the first save."""
+    _, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 4, each=lambda pid: flag if pid == 1 else [])
+    for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (f"error: processes [1] were started with another {named} than "
+                                                "process 0; start every process of a run with the same flags")
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_stops_the_other_with_one_line(fashion_mnist_data_dir, tmp_path):
+    """The survivor printed a long traceback, waited ~100 s in JAX's shutdown for the dead peer, then aborted."""
+    logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]
+    files = [log.open("w") for log in logs]
+    _, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 100_000, "training.log_every_steps=1",
+                              "training.save_and_sample_every=100000",  # no save in flight: a collective fails
+                              streams=lambda pid: {"stdout": files[pid], "stderr": subprocess.STDOUT})
+    try:
+        deadline = time.monotonic() + 500
+        while "step 2/" not in logs[0].read_text():  # training: both processes in each step's collectives
+            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in files:
+            f.close()
+    text = logs[0].read_text()
+    last = text.strip().splitlines()[-1]
+    assert code == 1 and took < 60, (code, took, text[-3000:])
+    assert last.startswith("error: a step across the processes failed (") and last.endswith(
+        "did another process of this run stop? Its checkpoints are intact: start every process again to resume")
+    assert "Traceback" not in text

@@ -390,10 +390,12 @@ def sample(
     npz = _check_output("--npz", npz, (".npz",))
     trajectory = _check_output("--trajectory", trajectory, (".gif", ".png"))
     _init_runtime(host_devices, None, None, None)
-    from ddpm_eqx.checkpoint import CheckpointError
+    from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
     from ddpm_eqx import trace_cache
     from ddpm_eqx.generate_cli import SampleRequest, run_sample
 
+    if not os.environ.get("DDPM_EQX_DEBUG"):  # an unreadable checkpoint: our one line, not Orbax's echoes of it
+        quiet_failed_async_saves()
     request = SampleRequest(ckpt=ckpt, step=step, out=out, npz=npz, num=num, batch_size=batch_size,
                             sampler=sampler, steps=steps, eta=eta, seed=seed, label=label, guidance=guidance,
                             trajectory=trajectory, default_steps=100, trace_cache=trace_cache.default_directory())

@@ -343,12 +343,12 @@ class Checkpointer:
         self, skeleton: PyTree, *, step: int | None = None, layouts: Layouts = ()
     ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]] | None:
         """The newest readable checkpoint (or ``step``), falling back past unreadable ones; None if none."""
-        steps = self.all_steps()
+        steps = everything = self.all_steps()
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
             steps = [step]
-        mismatches = []
+        mismatches, reasons = [], []
         for s in reversed(steps):
             try:
                 state, data, meta = self.restore(s, skeleton, layouts=layouts)
@@ -356,6 +356,7 @@ class Checkpointer:
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 if _is_mismatch(e):
                     mismatches.append(first)
+                reasons.append(f"{type(e).__name__}: {first[:120]}")
                 log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
                             self.directory, s, type(e).__name__, first)
                 continue
@@ -364,8 +365,13 @@ class Checkpointer:
             raise CheckpointError(f"the checkpoints in {self.directory} do not match the model its config.json "
                                   f"describes ({mismatches[0][:160]}); was config.json edited or copied "
                                   "from another run?")
+        if steps and step is not None:
+            others = [s for s in everything if s != step]
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read ({reasons[0]}); "
+                                  + (f"pick another --step (steps there: {others})" if others else "it is the only one"))
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read")
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read (step "
+                                  f"{steps[-1]}: {reasons[0]}); is the disk or a copy of them damaged?")
         return None
 
 

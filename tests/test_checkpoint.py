@@ -78,3 +78,31 @@ def test_a_save_of_numpy_arrays_writes_them_as_they_were_when_it_was_called(tmp_
     _, restored, _, _ = Checkpointer(tmp_path / "ckpt", read_only=True).restore_latest(
         [jax.ShapeDtypeStruct(array.shape, array.dtype)])
     assert np.all(np.asarray(restored[0]) == 1)
+
+
+def test_an_unreadable_checkpoint_names_why_and_what_to_do(tmp_path):
+    """`sample --step N` on a damaged checkpoint said only "none of the checkpoints [N] could be read"."""
+    import jax
+    import numpy as np
+    import pytest
+
+    from ddpm_eqx.checkpoint import CheckpointError, Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    for step in (1, 2):
+        ckpt.save(step, [np.full((64, 64), step, np.float32)], {"step": step}, {})
+        ckpt.wait()
+    ckpt.close()
+    for step in (1, 2):
+        victim = max((p for p in (tmp_path / "ckpt" / str(step) / "state").rglob("*") if p.is_file()),
+                     key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[:10])
+    skeleton = [jax.ShapeDtypeStruct((64, 64), np.float32)]
+    reader = Checkpointer(tmp_path / "ckpt", read_only=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint 2 in .*ckpt cannot be read \(\w+: .*\); pick another --step "
+                                              r"\(steps there: \[1\]\)"):
+        reader.restore_latest(skeleton, step=2)
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints \[1, 2\] in .* could be read \(step 2: \w+: .*\); "
+                                              "is the disk or a copy of them damaged"):
+        reader.restore_latest(skeleton)
+    reader.close()

@@ -145,6 +145,10 @@ def _config_differences(old: dict, new: dict) -> list[str]:
         return list(value) if isinstance(value, tuple) else value
 
     defaults, diffs = to_dict(Config()), []
+    stored_dataset = old.get("data", {}).get("dataset")
+    if isinstance(stored_dataset, str) and (path := Path(stored_dataset).expanduser()).exists():
+        # Stored relative by a version before 0.3 (now absolute): the same folder is the same dataset.
+        old = {**old, "data": {**old["data"], "dataset": str(path.resolve())}}
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
             continue
@@ -289,7 +293,10 @@ def train(
         fail(str(e).splitlines()[0], 1)
     import jax
 
-    undo = _prepare_run_folder(workdir, cfg, force, restore_from)
+    try:
+        undo = _prepare_run_folder(workdir, cfg, force, restore_from)
+    except OSError as e:  # one process: a full disk or a lock file that cannot be opened
+        fail(f"cannot prepare {workdir} ({e.strerror or e}); free space there or pass another --workdir", 1)
     warn_if_undersized_machine(cfg)
     if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
         quiet_failed_async_saves()
@@ -348,13 +355,20 @@ def _prepare_run_folder(workdir: Path, cfg, force: bool, restore_from: Optional[
             undo = _prepare_workdir(workdir, cfg, force)
         except typer.Exit as e:  # its one-line error is printed; the others are told below
             stopped = e
+        except Exception as e:  # noqa: BLE001  (a full disk, a lock file that cannot be opened): the same
+            typer.echo(f"error: cannot prepare {workdir} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                       err=True)
+            stopped = typer.Exit(1)
     multihost_utils.sync_global_devices("ddpm_eqx: workdir prepared")
     if processes_differing(prepared=str(stopped is None))["prepared"]:  # process 0 and the others disagree
         if stopped is not None:
             raise stopped
         fail(f"process 0 could not prepare {workdir} (its error says why)", 2)
     path = workdir / "config.json"
-    shared = path.is_file() and path.read_text() == to_json(cfg)
+    try:
+        shared = path.is_file() and path.read_text() == to_json(cfg)
+    except OSError:  # unreadable here: as unseen (every process must reach the agreement below)
+        shared = False
     if blind := processes_differing(sees=str(shared))["sees"]:
         fail(f"processes {blind} do not see the {path} process 0 wrote: the processes of a run need its workdir on "
              "one shared file system (every process writes its part of each checkpoint)", 2)
@@ -445,10 +459,12 @@ def eval_(
     try:
         from ddpm_eqx.config import from_json
         from ddpm_eqx.evaluate import check_metrics_available, evaluate_images
-        from ddpm_eqx.generate_cli import resolve_step
+        from ddpm_eqx.generate_cli import check_request, resolve_step
 
         run = resolve_step(ckpt, step)[0]  # what would fail after the sampling (or the data's preparation), first
-        check_metrics_available(from_json((run / "config.json").read_text()), metric, fid_weights)  # type: ignore[arg-type]
+        stored = from_json((run / "config.json").read_text())
+        check_request(request, stored)
+        check_metrics_available(stored, metric, fid_weights)  # type: ignore[arg-type]
         cfg, images, used_step = draw_images(request)
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:

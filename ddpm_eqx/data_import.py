@@ -94,6 +94,7 @@ def import_path(path: Path, data_dir: Path) -> Path:
                     builder: _ImportedDataset = _folder_builder(path, images, root)
                 else:
                     builder = _npz_builder(path, arrays, root)
+            _write_notes(notes, builder)  # before the build is final: a finished import always has its warnings
             builder.download_and_prepare(file_format="array_record")
         except DataError:
             raise
@@ -104,10 +105,20 @@ def import_path(path: Path, data_dir: Path) -> Path:
         if builder.skipped:
             builder.notes.append(f"skipped {len(builder.skipped)} unreadable file(s) of {path}, e.g. "
                                  f"{builder.skipped[0]}")
-        if builder.notes:
-            notes.write_text("".join(f"{note}\n" for note in builder.notes))
+        _write_notes(notes, builder)
     _warn(notes)
     return builder_dir
+
+
+def _write_notes(notes: Path, builder: "_ImportedDataset") -> None:
+    """Keep the import's warnings beside it (none: no file), whole or not at all."""
+    if builder.notes:
+        notes.parent.mkdir(parents=True, exist_ok=True)
+        tmp = notes.with_name(f".{notes.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{note}\n" for note in builder.notes))
+        tmp.replace(notes)
+    else:
+        notes.unlink(missing_ok=True)
 
 
 def _warn(notes: Path) -> None:

@@ -49,10 +49,15 @@ class SampleRequest:
         (how its training grids were drawn) where no sampler option is given at all; otherwise DDIM's steps
         default to ``default_steps`` (at most the model's timesteps), its eta to 0. DDIM's steps are explicit."""
         s, timesteps = cfg.sampling, cfg.ddpm.timesteps
-        guidance = s.guidance if self.guidance is None else self.guidance
+        # A stored config an earlier version accepted may hold settings its grids ignored (guidance for a model
+        # that cannot be guided, DDIM's steps with DDPM): taken as the grids took them, not as errors.
+        guidable = cfg.model.num_classes is not None and cfg.training.cond_drop_prob > 0
+        guidance = (s.guidance if guidable else 1.0) if self.guidance is None else self.guidance
         sampler: str
         if self.sampler is None and self.steps is None and self.eta is None:
             sampler, steps, eta = s.sampler, s.steps, s.eta
+            if sampler == "ddpm":
+                steps, eta = None, 0.0
         else:
             sampler, steps, eta = self.sampler or "ddim", self.steps, self.eta or 0.0
             if steps is None and sampler == "ddim" and self.default_steps is not None:
@@ -136,7 +141,9 @@ class _Setup(NamedTuple):
     labels: jax.Array | None
 
 
-def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarray, _Setup]:
+def check_request(req: SampleRequest, cfg: Config) -> SampleRequest:
+    """``req`` for the run of ``cfg`` (:meth:`SampleRequest.for_run`), or a ``ValueError`` naming an option this
+    model cannot use: checked from the run's config alone, before anything long (eval prepares a dataset)."""
     num_classes = cfg.model.num_classes
     if req.label is not None and num_classes is None:
         raise ValueError(f"--label {req.label}: this model is not class-conditional; drop --label")
@@ -150,6 +157,13 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
                          "never learnt the unconditional prediction guidance needs; drop --guidance")
     if req.steps is not None and not 1 <= req.steps <= cfg.ddpm.timesteps:
         raise ValueError(f"--steps {req.steps} must be in 1..{cfg.ddpm.timesteps}")
+    return req
+
+
+def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarray, _Setup]:
+    req = check_request(req, cfg)
+    num_classes = cfg.model.num_classes
+    assert req.eta is not None and req.guidance is not None  # resolved
     from ddpm_eqx.diffusion import make_diffusion
 
     mesh = make_mesh()
@@ -157,7 +171,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
     model = replicate(model, mesh)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler_name: Sampler = "ddim" if req.sampler == "ddim" else "ddpm"
-    kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta or 0.0, guidance=req.guidance or 1.0,
+    kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta, guidance=req.guidance,
                   conditional=num_classes is not None, trace_cache=req.trace_cache, determines=to_json(cfg))
     draw = ShardedSampler(process, model, shape, mesh, **kwargs)  # type: ignore[arg-type]
     keys = jax.random.split(jax.random.key(req.seed), req.num)

@@ -398,9 +398,10 @@ def fit_to_data(cfg: Config, *, explicit: Collection[str] = ()) -> tuple[Config,
         data = dataclasses.replace(data, image_size=int(height))
     labels = (f"; its {info.num_classes} classes are not used (--set model.num_classes={info.num_classes} for a "
               "class-conditional model)") if info.num_classes and info.num_classes > 1 and not cfg.model.num_classes else ""
-    note = (f"no configs/{Path(cfg.data.dataset).name}.py: data.image_size={data.image_size} and data.channels="
-            f"{data.channels} {'as given' if {'data.image_size', 'data.channels'} <= set(explicit) else 'from the data'}, "
-            f"the rest Config()'s defaults{labels}")
+    given = set(explicit)
+    sizes = ", ".join(f"{key}={getattr(data, key.split('.')[1])} ({'as given' if key in given else 'from the data'})"
+                      for key in ("data.image_size", "data.channels"))
+    note = f"no configs/{Path(cfg.data.dataset).name}.py: {sizes}, the rest Config()'s defaults{labels}"
     return dataclasses.replace(cfg, data=data), note
 
 

@@ -731,16 +731,28 @@ def test_a_dataset_without_a_config_file_takes_its_image_size_and_channels_from_
     assert cfg.data.dataset == str(folder.resolve())  # stored absolute: config.json names it from anywhere
     fitted, note = fit_to_data(cfg)
     assert (fitted.data.image_size, fitted.data.channels) == (40, 3) and fitted.model == cfg.model
-    assert "data.image_size=40 and data.channels=3 from the data" in note and "its 2 classes are not used" in note
-    kept, _ = fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)),
-                          explicit={"data.image_size"})
+    assert "data.image_size=40 (from the data), data.channels=3 (from the data)" in note
+    assert "its 2 classes are not used" in note
+    kept, note = fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)),
+                             explicit={"data.image_size"})
     assert (kept.data.image_size, kept.data.channels) == (16, 3)
+    assert "data.image_size=16 (as given), data.channels=3 (from the data)" in note
 
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(folder / "dogs" / "wide.png")
     with pytest.raises(ConfigError, match=r"the images of .*imgs are of various sizes: choose the square size to train "
                                           r"at with --set data.image_size=N"):
         fit_to_data(cfg)
     assert fit_to_data(cfg, explicit={"data.image_size"})[0].data.channels == 3
+
+    import json
+
+    from ddpm_eqx.config import to_dict, to_json
+
+    stored = json.loads(to_json(cfg))  # a run stored before 0.3 named the folder relative: the same dataset
+    stored["data"]["dataset"] = "imgs"
+    assert cli._config_differences(stored, to_dict(cfg)) == []
+    stored["data"]["dataset"] = "other"
+    assert cli._config_differences(stored, to_dict(cfg)) == [f"data.dataset: 'other' -> '{folder.resolve()}'"]
 
     big = tmp_path / "big.npz"
     np.savez(big, image=np.zeros((2, 256, 256), np.uint8))

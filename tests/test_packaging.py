@@ -141,6 +141,8 @@ def test_a_users_script_outside_the_checkout_is_type_checked_against_the_package
     result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(script)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert "Cannot find implementation" not in result.stdout, ("mypy finds no ddpm_eqx: install it editable with "
+                                                               "--config-settings editable_mode=compat, as run.sh does")
     assert len(errors) == 1 and "user.py:11: error: Incompatible types in assignment" in errors[0], result.stdout
 
 

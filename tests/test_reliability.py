@@ -982,9 +982,10 @@ def test_eval_checks_step_and_guidance_before_the_data_or_the_sampling(reference
 
     import cli
 
-    outcome = CliRunner().invoke(cli.app, ["eval", "--ckpt", str(run), "--num", "4", "--metric", "classifier",
-                                           "--step", "7", "--steps", "2"])
-    assert outcome.exit_code == 1 and not prepared
+    for wrong in (["--step", "7"], ["--guidance", "2"]):
+        outcome = CliRunner().invoke(cli.app, ["eval", "--ckpt", str(run), "--num", "4", "--metric", "classifier",
+                                               "--steps", "2", *wrong])
+        assert outcome.exit_code == 1 and not prepared, outcome.output
 
 
 @pytest.mark.slow

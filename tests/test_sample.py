@@ -237,3 +237,38 @@ def test_sample_draws_as_the_runs_training_grids_unless_told_otherwise():
     assert (plain.sampler, plain.steps, plain.eta, plain.guidance) == ("ddpm", None, 0.0, 1.0)
     all_steps = apply_overrides(Config(), ["sampling.sampler=ddim"])  # DDIM over all T, as the grids: named so
     assert SampleRequest(ckpt=Path("run"), default_steps=100).for_run(all_steps).steps == 1000
+
+    # A config.json an earlier version stored with settings its grids ignored samples as the grids did.
+    import json
+
+    from ddpm_eqx.config import from_json, to_dict
+
+    stored = to_dict(Config())
+    stored["sampling"].update(sampler="ddpm", steps=20, eta=0.5, guidance=3.0)  # unconditional, DDPM
+    old = SampleRequest(ckpt=Path("run"), default_steps=100).for_run(from_json(json.dumps(stored)))
+    assert (old.sampler, old.steps, old.eta, old.guidance) == ("ddpm", None, 0.0, 1.0)
+
+
+def test_guidance_zero_is_drawn_unconditional_not_at_one(monkeypatch):
+    """`--guidance 0` (the unconditional model, a sweep's first point) reached the sampler as 1 (`or 1.0`)."""
+    from pathlib import Path
+
+    from ddpm_eqx import generate_cli
+    from ddpm_eqx.config import Config, apply_overrides
+    from ddpm_eqx.generate_cli import SampleRequest, _draw
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, process, model, shape, mesh, **kwargs):  # noqa: ANN001, ANN003
+            seen.update(kwargs)
+
+        def __call__(self, model, keys, labels):  # noqa: ANN001, ANN204
+            return np.zeros((keys.shape[0], 1, 8, 8), np.float32)
+
+    monkeypatch.setattr(generate_cli, "ShardedSampler", Recorder)
+    cfg = apply_overrides(Config(), ["model.num_classes=3", "data.image_size=8", "sampling.eta=0"])
+    for guidance, eta in ((0.0, 0.0), (2.5, 0.0)):
+        _draw(SampleRequest(ckpt=Path("run"), num=2, sampler="ddim", steps=2, eta=eta, guidance=guidance), cfg,
+              eqx.nn.Identity())
+        assert (seen["guidance"], seen["eta"]) == (guidance, eta)

@@ -57,6 +57,12 @@ def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_di
         assert p.returncode == 0 and "finished at step 6" in out, err[-3000:]
         assert "resumed from" in err and "at step 2" in err
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == ["4"]
+    # Process 0 refuses the workdir (another config than its run's): the other process is told, not left waiting.
+    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 6, SAMPLES, "optim.lr=0.01")
+    errors = [err.strip().splitlines()[-1] for _, err in (p.communicate(timeout=600) for p in procs)]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert errors[0].startswith(f"error: {workdir} holds a run with a different config (optim.lr: 0.001 -> 0.01)")
+    assert errors[1] == f"error: process 0 could not prepare {workdir} (its error says why)"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ddpm_eqx._types import Image, Label, Scalar
 from ddpm_eqx.config import DDPMConfig, LossType, Objective
@@ -241,7 +241,7 @@ def diffusion_loss(
     *,
     key: PRNGKeyArray,
     label: Label | None = None,
-    use_self_cond: Bool[Array, ""] | None = None,
+    use_self_cond: Bool[ArrayLike, ""] | None = None,
 ) -> Scalar:
     """The (weighted) simple loss of Ho et al. (2020, eq. 14) for one image.
 

@@ -228,6 +228,10 @@ def test_self_conditioning_first_pass_is_not_differentiated():
 
     primal = branches(jax.make_jaxpr(loss)(model))
     assert any("mul" in b for b in primal)  # the branch that runs the model
+    for coin in (True, False):  # a Python bool is a coin too (the annotation refused it)
+        np.testing.assert_array_equal(
+            diffusion_loss(process, model, jnp.ones((1, 3, 3)), key=jax.random.key(0), use_self_cond=coin),
+            diffusion_loss(process, model, jnp.ones((1, 3, 3)), key=jax.random.key(0), use_self_cond=jnp.bool_(coin)))
     assert branches(jax.make_jaxpr(lambda m, dm: jax.jvp(loss, (m,), (dm,)))(model, model)) == primal
 
 

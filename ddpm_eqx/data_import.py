@@ -32,6 +32,8 @@ import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from ddpm_eqx._io import write_text_atomic
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 # Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
@@ -114,9 +116,7 @@ def _write_notes(notes: Path, builder: "_ImportedDataset") -> None:
     """Keep the import's warnings beside it (none: no file), whole or not at all."""
     if builder.notes:
         notes.parent.mkdir(parents=True, exist_ok=True)
-        tmp = notes.with_name(f".{notes.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{note}\n" for note in builder.notes))
-        tmp.replace(notes)
+        write_text_atomic(notes, "".join(f"{note}\n" for note in builder.notes))
     else:
         notes.unlink(missing_ok=True)
 

@@ -195,6 +195,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def require(self, step: int) -> list[int]:
+        """All steps here; a ``CheckpointError`` naming them where ``step`` is not one of them."""
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
+        return steps
+
     def save(self, step: int, state: PyTree, data_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
         """Start an (asynchronous) save; a failure of this or the previous save is a ``CheckpointError``."""
         arrays = eqx.filter(state, eqx.is_array)
@@ -343,11 +350,8 @@ class Checkpointer:
         self, skeleton: PyTree, *, step: int | None = None, layouts: Layouts = ()
     ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]] | None:
         """The newest readable checkpoint (or ``step``), falling back past unreadable ones; None if none."""
-        steps = everything = self.all_steps()
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
-            steps = [step]
+        everything = self.all_steps() if step is None else self.require(step)
+        steps = everything if step is None else [step]
         mismatches, reasons = [], []
         for s in reversed(steps):
             try:

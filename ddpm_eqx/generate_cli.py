@@ -86,21 +86,23 @@ def find_run(ckpt: Path) -> tuple[Path, Path, int | None]:
     return run, ckpt_dir, step
 
 
-def resolve_step(ckpt: Path, step: int | None = None) -> tuple[Path, Path, int | None]:
-    """(run folder, checkpoints folder, step) as ``find_run``, with ``step`` taken from ``--ckpt``'s folder or
-    ``--step`` and checked to be there (a ``CheckpointError`` naming the steps there), before any long work."""
+def _named_step(ckpt: Path, step: int | None) -> tuple[Path, Path, int | None]:
+    """(run folder, checkpoints folder, step) as ``find_run``, the step from ``--ckpt``'s folder or ``--step``."""
     run, ckpt_dir, named = find_run(ckpt)
     if named is not None and step not in (None, named):
         raise CheckpointError(f"--ckpt names step {named}'s folder but --step is {step}; drop one of them")
-    step = named if step is None else step
+    return run, ckpt_dir, named if step is None else step
+
+
+def resolve_step(ckpt: Path, step: int | None = None) -> tuple[Path, Path, int | None]:
+    """:func:`_named_step`, the step checked to be there (``Checkpointer.require``), before any long work."""
+    run, ckpt_dir, step = _named_step(ckpt, step)
     if step is not None:
         manager = Checkpointer(ckpt_dir, read_only=True)
         try:
-            steps = manager.all_steps()
+            manager.require(step)
         finally:
             manager.close()
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps there: {steps}")
     return run, ckpt_dir, step
 
 
@@ -108,7 +110,7 @@ def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Mod
     """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
     from ddpm_eqx.state import earlier_layouts, state_skeleton
 
-    run, ckpt_dir, step = resolve_step(ckpt, step)
+    run, ckpt_dir, step = _named_step(ckpt, step)  # restore_latest checks that the step is there
     cfg = from_json((run / "config.json").read_text())
     skeleton = state_skeleton(cfg)
     manager = Checkpointer(ckpt_dir, read_only=True)

@@ -115,8 +115,8 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
 
     if config_file is not None:
         cfg = C.load_config_file(config_file.expanduser())
-    elif dataset is not None and (CONFIG_DIR / f"{dataset}.py").is_file():
-        cfg = C.load_config_file(CONFIG_DIR / f"{dataset}.py")
+    elif dataset is not None and (named := _config_file_of(dataset)) is not None:
+        cfg = C.load_config_file(named)
     elif dataset is not None:
         cfg = C.Config()
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
@@ -125,13 +125,19 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
     if dataset is not None and config_file is not None:
         overrides = [f"data.dataset={dataset}", *overrides]
     cfg = C.apply_overrides(cfg, overrides)
-    if (path := Path(cfg.data.dataset).expanduser()).exists():
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(path.resolve())))
-    return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=_absolute_if_path(cfg.data.dataset)))
 
 
-def _without_config_file(dataset: Optional[str], config_file: Optional[Path]) -> bool:
-    return config_file is None and dataset is not None and not (CONFIG_DIR / f"{dataset}.py").is_file()
+def _config_file_of(dataset: str) -> Optional[Path]:
+    """``configs/<dataset>.py`` where there is one."""
+    path = CONFIG_DIR / f"{dataset}.py"
+    return path if path.is_file() else None
+
+
+def _absolute_if_path(dataset: str) -> str:
+    """A dataset that names an existing file or folder as its absolute path; a TFDS name as it is."""
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if path.exists() else dataset
 
 
 def _config_differences(old: dict, new: dict) -> list[str]:
@@ -146,9 +152,8 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 
     defaults, diffs = to_dict(Config()), []
     stored_dataset = old.get("data", {}).get("dataset")
-    if isinstance(stored_dataset, str) and (path := Path(stored_dataset).expanduser()).exists():
-        # Stored relative by a version before 0.3 (now absolute): the same folder is the same dataset.
-        old = {**old, "data": {**old["data"], "dataset": str(path.resolve())}}
+    if isinstance(stored_dataset, str):  # stored relative before 0.3 (now absolute): the same folder is the same
+        old = {**old, "data": {**old["data"], "dataset": _absolute_if_path(stored_dataset)}}
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
             continue
@@ -275,7 +280,7 @@ def train(
     known = not rest and (num_processes is not None or not multi)
     _init_runtime(host_devices, coordinator, num_processes, process_id, batch=split if known else None)
     from ddpm_eqx.checkpoint import CheckpointError, quiet_failed_async_saves
-    from ddpm_eqx.data_import import DataError
+    from ddpm_eqx.data_import import DataError, first_line
     from ddpm_eqx import trace_cache
     from ddpm_eqx.train import (
         NonFiniteLossError, fit_to_data, train as run_train, validate_setup, warn_if_undersized_machine,
@@ -283,7 +288,7 @@ def train(
 
     workdir = (workdir or Path("runs") / Path(cfg.data.dataset).name).expanduser()
     try:  # everything that can be checked before a workdir is touched
-        if _without_config_file(dataset, config):
+        if config is None and dataset is not None and _config_file_of(dataset) is None:
             cfg, note = fit_to_data(cfg, explicit={s.split("=", 1)[0].strip() for s in set_ or []})
             typer.echo(note, err=True)
         validate_setup(cfg)
@@ -305,14 +310,12 @@ def train(
                            trace_cache=trace_cache.default_directory())
     except BaseException as e:
         undo()
-        message, code = None, 1
-        if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError)):
-            # OSError: e.g. EACCES
-            message, code = str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if isinstance(e, ConfigError) else 1
-        elif isinstance(e, RuntimeError):
+        known = isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError))
+        if not known and isinstance(e, RuntimeError):  # OSError above: e.g. EACCES
             _fail_if_out_of_memory(e, f"data.batch_size={cfg.data.batch_size}", "lower it with --set data.batch_size=N")
-            if type(e).__name__ == "JaxRuntimeError" and jax.process_count() > 1:
-                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        across = type(e).__name__ == "JaxRuntimeError" and jax.process_count() > 1
+        message = (first_line(e, 10_000) or type(e).__name__) if known or across else None
+        code = 2 if isinstance(e, ConfigError) else 1
         if message is not None and jax.process_count() > 1 and not os.environ.get("DDPM_EQX_DEBUG"):
             if any(word in message for word in ("Gloo", "onnection", "heartbeat", "barrier", "UNAVAILABLE")):
                 # A collective with a process that died ("Connection reset by peer", a barrier timed out)
@@ -356,8 +359,9 @@ def _prepare_run_folder(workdir: Path, cfg, force: bool, restore_from: Optional[
         except typer.Exit as e:  # its one-line error is printed; the others are told below
             stopped = e
         except Exception as e:  # noqa: BLE001  (a full disk, a lock file that cannot be opened): the same
-            typer.echo(f"error: cannot prepare {workdir} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                       err=True)
+            from ddpm_eqx.data_import import first_line
+
+            typer.echo(f"error: cannot prepare {workdir} ({type(e).__name__}: {first_line(e, 200)})", err=True)
             stopped = typer.Exit(1)
     multihost_utils.sync_global_devices("ddpm_eqx: workdir prepared")
     if processes_differing(prepared=str(stopped is None))["prepared"]:  # process 0 and the others disagree

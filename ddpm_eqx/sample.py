@@ -174,9 +174,7 @@ def sample(
     if sampler == "ddpm" and (steps not in (None, process.timesteps) or eta != 0.0):
         raise ValueError("steps and eta are DDIM's: DDPM runs all the process's timesteps with its own noise; "
                          "pass sampler='ddim'")
-    if steps is not None and not 1 <= steps <= process.timesteps:
-        raise ValueError(f"DDIM steps must be in 1..{process.timesteps}, got {steps}")
-    check_model(process, model)
+    check_model(process, model)  # DDIM's steps are checked by ddim_timesteps, as the program is traced
     num_classes = getattr(model, "num_classes", None)
     if labels is not None and isinstance(num_classes, int) and not isinstance(labels, jax.core.Tracer):
         values = np.asarray(labels)

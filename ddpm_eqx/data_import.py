@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,17 +234,26 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
     # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
     # files that are not images at all; truncated files show up later, when decoded.
     readable, skipped, modes = [], [], set()
-    sizes: set[tuple[int, int]] = set()
+    size_of: dict[Path, tuple[int, int]] = {}
     for p in images:
         try:
             with PILImage.open(p) as im:
                 modes.add(im.mode)
                 w, h = im.size
                 turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored upright below: a quarter turn
-                sizes.add((w, h) if turned else (h, w))
+                size_of[p] = (w, h) if turned else (h, w)
             readable.append(p)
         except Exception:  # PIL raises many kinds of errors for broken files
             skipped.append(str(p))
+    sizes = Counter(size_of.values())
+    if len(sizes) > 1:
+        # Before calling the sizes various, decode the images of the rarer sizes in full: a truncated file
+        # (skipped later, when decoded) must not make a folder of one size "various".
+        common = sizes.most_common(1)[0][0]
+        broken = {p for p in readable if size_of[p] != common and not _decodes(p)}
+        skipped.extend(str(p) for p in readable if p in broken)
+        readable = [p for p in readable if p not in broken]
+        sizes = Counter(size_of[p] for p in readable)
     if not readable:
         raise DataError(f"none of the {len(images)} image files in {root} could be read")
     mode = "L" if modes <= _GREY_MODES else "RGB"
@@ -274,6 +284,15 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
 
 def _some(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with PILImage.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # PIL raises many kinds of errors for broken files
+        return False
 
 
 def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:

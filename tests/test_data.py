@@ -738,6 +738,18 @@ def test_a_dataset_without_a_config_file_takes_its_image_size_and_channels_from_
     assert (kept.data.image_size, kept.data.channels) == (16, 3)
     assert "data.image_size=16 (as given), data.channels=3 (from the data)" in note
 
+    # A truncated file of another size (its header reads, its pixels do not) is skipped, not a second size.
+    # (A JPEG: its header pass reads no pixels; PIL's getexif of a PNG decodes it all.)
+    cut = folder / "dogs" / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    with Image.open(cut) as im, pytest.raises(OSError, match="truncated"):
+        assert im.size == (40, 30)
+        im.load()
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable file\(s\) of .*cut\.jpg"):
+        assert fit_to_data(cfg)[0].data.image_size == 40
+    cut.unlink()
+
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(folder / "dogs" / "wide.png")
     with pytest.raises(ConfigError, match=r"the images of .*imgs are of various sizes: choose the square size to train "
                                           r"at with --set data.image_size=N"):

@@ -462,13 +462,15 @@ def eval_(
                             trace_cache=trace_cache.default_directory())
     try:
         from ddpm_eqx.config import from_json
-        from ddpm_eqx.evaluate import check_metrics_available, evaluate_images
+        from ddpm_eqx.evaluate import check_metrics_available, evaluate_images, small_sample_warning
         from ddpm_eqx.generate_cli import check_request, resolve_step
 
         run = resolve_step(ckpt, step)[0]  # what would fail after the sampling (or the data's preparation), first
         stored = from_json((run / "config.json").read_text())
         check_request(request, stored)
         check_metrics_available(stored, metric, fid_weights)  # type: ignore[arg-type]
+        if (warning := small_sample_warning(num, metric)) is not None:  # type: ignore[arg-type]
+            typer.echo(f"warning: {warning}", err=True)
         cfg, images, used_step = draw_images(request)
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:

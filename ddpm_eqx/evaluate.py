@@ -20,7 +20,7 @@ from jaxtyping import Float, UInt8
 from ddpm_eqx.classifier import FeatureReference, classifier_metrics, load_or_train_classifier, reference_statistics
 from ddpm_eqx.config import Config
 from ddpm_eqx.data import load_split_array, subset_ids, to_model_images
-from ddpm_eqx.data_import import DataError
+from ddpm_eqx.data_import import DataError, first_line
 from ddpm_eqx.data_prepare import data_dir_of, prepare_dataset
 from ddpm_eqx.images import to_uint8
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
@@ -115,37 +115,58 @@ def as_scored(images: Float[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n c h 
 
 def check_metrics_available(cfg: Config, metric: Metric, fid_weights: str | None) -> None:
     """What would otherwise fail only after the samples are drawn (hours at eval's defaults): no labels for
-    ``metric="classifier"``; no usable Inception weights for ``"inception"``, or for ``"all"`` when
-    ``fid_weights`` names a file (``"all"`` without one reports ``fid_unavailable`` instead)."""
+    ``metric="classifier"``; no usable Inception weights for ``"inception"``, or for ``"all"`` when a file is
+    named (``fid_weights`` or $DDPM_EQX_FID_WEIGHTS; ``"all"`` without one reports ``fid_unavailable``). The
+    weights are read here (``UnreadableWeights``: a file that is not pytorch-fid's), and kept for the scoring."""
+    from ddpm_eqx.inception import WEIGHTS_ENV_VAR
+
     if metric == "classifier":
         check_labelled(cfg)
-    if metric == "inception" or (metric == "all" and fid_weights is not None):
-        _usable_weights(fid_weights)
+    if metric == "inception" or (metric == "all" and (fid_weights or os.environ.get(WEIGHTS_ENV_VAR))):
+        _load_weights(fid_weights)
 
 
-def _usable_weights(fid_weights: str | None) -> Path:
-    """The Inception weights file to load; FileNotFoundError (one line) where it is missing or is a .pth that
-    cannot be read here (torch is not installed and no converted .npz is beside it)."""
+class UnreadableWeights(ValueError):
+    """A named FID weights file that is not pytorch-fid's Inception (torn, another file, another network)."""
+
+
+_loaded: dict[tuple[str, int, int], Any] = {}  # the last weights read (eval checks them before sampling)
+
+
+def _load_weights(fid_weights: str | None) -> tuple[Any, Path]:
+    """The Inception network and its weights file. FileNotFoundError (one line) where the file is missing or is
+    a .pth that cannot be read here (torch is not installed and no converted .npz is beside it);
+    ``UnreadableWeights`` (one line, naming the file) where it does not load as pytorch-fid's weights."""
     import importlib.util
 
-    from ddpm_eqx.inception import resolve_weights_path
+    from ddpm_eqx.inception import WEIGHTS_FILENAME, WEIGHTS_FLAG, load_inception, resolve_weights_path
 
     path = resolve_weights_path(fid_weights)
     if path.suffix == ".pth" and not path.with_suffix(".npz").is_file() and importlib.util.find_spec("torch") is None:
         raise FileNotFoundError(f"reading the FID weights {path} needs torch, which is not installed: convert them "
                                 "once with ddpm_eqx.inception.convert_pth_to_npz where torch is, and pass the .npz")
-    return path
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _loaded:
+        try:
+            model = load_inception(path)
+        except (OSError, ValueError, KeyError, EOFError, ImportError, zipfile.BadZipFile) as e:
+            reason = f"{type(e).__name__}: {first_line(e, 160)}"
+            raise UnreadableWeights(f"the FID weights {path} cannot be read as pytorch-fid's Inception-v3 ({reason}); "
+                                    f"pass {WEIGHTS_FILENAME} or its .npz with {WEIGHTS_FLAG}") from e
+        _loaded.clear()
+        _loaded[key] = model
+    return _loaded[key], path
 
 
 def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights: str | None, *,
                       seed: int = 0) -> dict[str, float]:
-    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError (one line) without usable weights.
-    The reference statistics are cached per weights file (its content's hash), written whole, and an
-    unreadable or stale cache is recomputed."""
-    from ddpm_eqx.inception import inception_features, load_inception
+    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError or ``UnreadableWeights`` (one line)
+    without usable weights. The reference statistics are cached per weights file (its content's hash), written
+    whole, and an unreadable or stale cache is recomputed."""
+    from ddpm_eqx.inception import inception_features
 
-    weights_path = _usable_weights(weights)
-    model = load_inception(weights_path)
+    model, weights_path = _load_weights(weights)
     with open(weights_path, "rb") as f:  # streamed: ~95 MB
         key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{REFERENCE_EXAMPLES}"
     path = cache_dir(cfg) / "inception_reference.npz"
@@ -169,13 +190,40 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
     mu, sigma = feature_statistics(features)
     subset = min(1000, features.shape[0], ref_features.shape[0])
     kid, kid_std = kernel_inception_distance(features, ref_features, subset_size=subset, seed=seed)
-    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "kid": kid, "kid_std": kid_std}
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "kid": kid, "kid_std": kid_std,
+            "reference_images": ref_features.shape[0]}
+
+
+def feature_dims(metric: Metric) -> dict[str, int]:
+    """The feature dimension of each Fréchet distance ``metric`` computes."""
+    from ddpm_eqx.classifier import ClassifierHyperparams
+    from ddpm_eqx.inception import FEATURE_DIM
+
+    dims = {"fd_classifier": ClassifierHyperparams().feature_dim, "fid": FEATURE_DIM}
+    return {name: dim for name, dim in dims.items() if metric in ("all", _METRIC_OF[name])}
+
+
+_METRIC_OF = {"fd_classifier": "classifier", "fid": "inception"}
+
+
+def small_sample_warning(num: int, metric: Metric) -> str | None:
+    """A line where ``num`` samples are under twice the feature dimension of ``metric``'s Fréchet distances:
+    their covariance is then poorly estimated (singular below the dimension) and the distance biased upwards,
+    the more the fewer the samples, so that scores compare only at one ``num``."""
+    few = {name: dim for name, dim in feature_dims(metric).items() if num < 2 * dim}
+    if not few:
+        return None
+    named = " and ".join(f"{name} ({dim} features)" for name, dim in few.items())
+    return (f"{num} samples are few for {named}: the distance is biased upwards by small samples (real images "
+            "score far above 0), so compare scores only at one --num (the usual FID: 10,000 or more)")
 
 
 def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric: Metric = "all",
                     fid_weights: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """All requested metrics of ``images`` (model layout, [-1, 1]). With ``metric="all"`` a missing
-    Inception weights file is reported under ``"fid_unavailable"`` instead of failing."""
+    """All requested metrics of ``images`` (model layout, [-1, 1]), with what they were measured against: the
+    reference images (``reference_images`` of the train split, a fixed random subset where it has more than
+    ``REFERENCE_EXAMPLES``), KID's subset size and each distance's feature dimension. With ``metric="all"``
+    unusable Inception weights are reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
     images = as_scored(images)
     if metric in ("classifier", "all"):
@@ -189,11 +237,15 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
             measure = ClassifierMetric(cfg)
             results.update(measure(images, seed=seed))
             results["classifier_test_accuracy"] = measure.info.test_accuracy
+            results["reference_images"] = measure.reference.features.shape[0]
     if metric in ("inception", "all"):
         try:
             results.update(inception_metrics(cfg, images, fid_weights, seed=seed))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, UnreadableWeights) as e:
             if metric == "inception":
                 raise
             results["fid_unavailable"] = str(e)
+    if "reference_images" in results:  # what the scores were measured against
+        results.update(reference_split="train", kid_subset_size=min(1000, images.shape[0], results["reference_images"]),
+                       feature_dims={name: dim for name, dim in feature_dims(metric).items() if name in results})
     return results

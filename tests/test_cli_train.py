@@ -145,6 +145,11 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     assert scores["fd_classifier"] > 1.0 and np.isfinite(scores["kid_classifier"])
     assert scores["classifier_test_accuracy"] > 0.7  # trained at the run's 8x8 resolution
     assert "FID Inception weights not found" in scores["fid_unavailable"]
+    # What the scores were measured against, and a warning that 64 samples bias them.
+    assert (scores["reference_split"], scores["kid_subset_size"], scores["feature_dims"]) == ("train", 64,
+                                                                                              {"fd_classifier": 128})
+    assert scores["reference_images"] == 10_000  # a fixed subset of Fashion-MNIST's 60,000
+    assert "warning: 64 samples are few for fd_classifier (128 features)" in result.stderr
 
 
 @pytest.mark.slow

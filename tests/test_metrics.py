@@ -275,3 +275,44 @@ def test_the_training_evaluation_scores_at_8_bits_and_skips_non_finite_samples(m
     np.testing.assert_allclose(levels, np.rint(levels), atol=1e-4)
     drawn[2] = np.nan
     assert evaluator(Draw(), state) == {"nonfinite_samples": 1.0}
+
+
+def test_unreadable_fid_weights_are_refused_before_sampling_and_reported_by_metric_all(tmp_path, monkeypatch) -> None:
+    """A torn or foreign weights file passed the early check (it exists) and failed after the sampling: with a
+    traceback (BadZipFile) that lost the classifier scores already computed, or a message naming no file."""
+    import zipfile
+
+    from ddpm_eqx.evaluate import UnreadableWeights, check_metrics_available, evaluate_images
+
+    np.savez(tmp_path / "faces.npz", image=np.random.default_rng(0).integers(0, 255, (40, 8, 8), np.uint8))
+    cfg = _npz_config(tmp_path / "faces.npz", tmp_path)
+    np.savez(tmp_path / "weights.npz", conv=np.zeros(3))
+    torn = tmp_path / "torn.npz"
+    torn.write_bytes((tmp_path / "weights.npz").read_bytes()[:60])
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, **{"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
+    with pytest.raises(zipfile.BadZipFile):
+        np.load(torn)["conv"]
+    for bad, reason in ((torn, "BadZipFile|EOFError|ValueError"), (foreign, "not an FID Inception state dict")):
+        with pytest.raises(UnreadableWeights, match=rf"the FID weights {bad} cannot be read .*({reason}).*--fid-weights"):
+            check_metrics_available(cfg, "inception", str(bad))
+        with pytest.raises(UnreadableWeights):  # a named file is checked for "all" too
+            check_metrics_available(cfg, "all", str(bad))
+        results = evaluate_images(cfg, np.zeros((4, 1, 8, 8), np.float32), metric="all", fid_weights=str(bad))
+        assert str(bad) in results["fid_unavailable"] and "\n" not in results["fid_unavailable"]
+    monkeypatch.setenv("DDPM_EQX_FID_WEIGHTS", str(torn))  # named by the environment: the same
+    with pytest.raises(UnreadableWeights, match=str(torn)):
+        check_metrics_available(cfg, "all", None)
+    monkeypatch.delenv("DDPM_EQX_FID_WEIGHTS")
+    check_metrics_available(cfg, "all", None)  # none named: "all" reports fid_unavailable after sampling
+
+
+def test_too_few_samples_for_a_frechet_distance_are_named() -> None:
+    from ddpm_eqx.evaluate import small_sample_warning
+
+    both = small_sample_warning(64, "all")
+    assert both is not None and "fd_classifier (128 features) and fid (2048 features)" in both
+    assert small_sample_warning(255, "classifier") is not None and small_sample_warning(256, "classifier") is None
+    assert "fid (2048 features)" in (small_sample_warning(300, "all") or "") and "fd_classifier" not in (
+        small_sample_warning(300, "all") or "")
+    assert small_sample_warning(300, "inception") is not None and small_sample_warning(4096, "all") is None

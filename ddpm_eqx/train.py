@@ -90,7 +90,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     # Weights are built only when there is no checkpoint to restore into their skeleton.
     skeleton = state_skeleton(cfg)
     restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton))
-    state = init_state(build_model(cfg), optimizer) if restored is None else restored
+    state = init_state(build_model(cfg), optimizer) if restored is None else restored[0]
     start = int(state.step)
     state = replicate(state, mesh)
     process = replicate(process, mesh)
@@ -112,7 +112,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
     data_wait, input_bound_said = 0.0, False  # seconds in next(iterator) since the last metrics row
-    paused, window = 0.0, []  # seconds on checkpoints, grids and evaluations; each step's metrics, since then
+    # Seconds on checkpoints, grids and evaluations; each step's metrics, since the last row (a checkpoint between
+    # rows keeps its steps' metrics: the first row after a resume is the uninterrupted run's).
+    paused, window = 0.0, ([] if restored is None else restored[1])
     try:
         while step < cfg.training.num_train_steps and stop.signal is None:
             t_data = time.perf_counter()
@@ -143,7 +145,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 t_pause = time.perf_counter()
                 if save:
                     _check_loss(pending, ckpt)
-                    _save(ckpt, step, state, iterator, cfg, environment)
+                    _save(ckpt, step, state, iterator, cfg, environment, window)
                     if cfg.training.num_sample:
                         _sample_grid(cfg, sampler, state, step, workdir, run)
                 if evaluate:
@@ -153,7 +155,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         _check_loss(pending, ckpt)
         if stop.signal is not None and step not in ckpt.all_steps():
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
-            _save(ckpt, step, state, iterator, cfg, environment)
+            _save(ckpt, step, state, iterator, cfg, environment, window)
         ckpt.wait()
         if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps:
             _log_model(run, ckpt.directory, step)
@@ -210,8 +212,9 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
 
 
 def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
-             environment: dict[str, Any], layouts: Layouts = ()) -> TrainState | None:
-    """The newest checkpoint of this run, else of ``restore_from``; None when there is none.
+             environment: dict[str, Any], layouts: Layouts = ()) -> tuple[TrainState, list[dict[str, Any]]] | None:
+    """The newest checkpoint of this run, else of ``restore_from``, and the metrics of its steps since its last
+    metrics row; None when there is none.
 
     Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
     (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared.
@@ -248,7 +251,7 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
     if source == ckpt.directory and (changes := differences(meta.get("environment", {}), environment)):
         log.warning("step %d was written with other software or devices (%s): training goes on, but need not be "
                     "bitwise the run it continues", step, "; ".join(changes))
-    return state
+    return state, _window_from_json(meta.get("metrics_window"))
 
 
 def _resolve_restore_from(restore_from: str | Path) -> tuple[Path, int | None]:
@@ -287,9 +290,26 @@ def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> No
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config,
-          environment: dict[str, Any]) -> None:
-    meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment}
+          environment: dict[str, Any], window: list[dict[str, Any]]) -> None:
+    meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment,
+            "metrics_window": _window_to_json(window)}
     ckpt.save(step, state, iterator.get_state(), meta)
+
+
+def _window_to_json(window: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of the steps since the last row, exactly (float32 -> float is exact), with their dtypes."""
+    rows = jax.device_get(window)
+    return {"dtypes": {k: str(np.asarray(v).dtype) for k, v in rows[0].items()} if rows else {},
+            "steps": [{k: float(v) for k, v in row.items()} for row in rows]}
+
+
+def _window_from_json(stored: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """:func:`_window_to_json` read back, as the arrays :func:`window_means` averaged (so bitwise the same means);
+    empty for a checkpoint written before the window was stored."""
+    if not stored:
+        return []
+    dtypes = stored["dtypes"]
+    return [{k: np.asarray(v, dtype=dtypes[k]) for k, v in row.items()} for row in stored["steps"]]
 
 
 def _sample_grid(cfg: Config, sampler: ShardedSampler, state: TrainState, step: int, workdir: Path, run: Any) -> None:

@@ -48,7 +48,7 @@ def test_resuming_under_other_versions_or_devices_warns_with_what_changed(tmp_pa
     then = {**now, "packages": {**now["packages"], "jax": "0.0.1"}, "devices": now["devices"] + 7}
     _checkpoint(tmp_path / "run" / "checkpoints", then)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
-    state = _restore(ckpt, _state(jnp.zeros(3)), None, None, now)
+    state, _ = _restore(ckpt, _state(jnp.zeros(3)), None, None, now)
     ckpt.close()
     np.testing.assert_array_equal(state.model["w"], np.arange(3.0))  # resumed all the same
     [line] = warnings_logged
@@ -63,7 +63,7 @@ def test_no_warning_on_the_same_environment_an_older_checkpoint_or_a_new_run(tmp
     source = tmp_path / "other" / "checkpoints"
     _checkpoint(source, {"same environment": now, "restore_from": other}.get(case, {}))
     ckpt = Checkpointer(source if case != "restore_from" else tmp_path / "new" / "checkpoints")
-    state = _restore(ckpt, _state(jnp.zeros(3)), None, source if case == "restore_from" else None, now)
+    state, _ = _restore(ckpt, _state(jnp.zeros(3)), None, source if case == "restore_from" else None, now)
     ckpt.close()
     np.testing.assert_array_equal(state.model["w"], np.arange(3.0))
     assert warnings_logged == []

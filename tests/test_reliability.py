@@ -393,7 +393,7 @@ def test_restore_from_beside_a_runs_own_checkpoints_says_it_is_not_used(tmp_path
         def quarantine_after(self, step, **kwargs):  # noqa: ANN001, ANN003, ANN201
             return []
 
-    assert _restore(Own(), state, None, tmp_path / "other", {}) is state
+    assert _restore(Own(), state, None, tmp_path / "other", {}) == (state, [])
     [said] = [r.message for r in caplog.records if "--restore-from" in r.message]
     assert said == (f"resuming this run's own step 6 from {tmp_path / 'run' / 'checkpoints'}; --restore-from "
                     f"{tmp_path / 'other'} applies to a workdir without checkpoints")
@@ -1002,3 +1002,29 @@ def test_eval_names_missing_fid_weights_before_it_samples(reference_run, tmp_pat
     if importlib.util.find_spec("torch") is None:
         _one_line_error(result, 1, "needs torch, which is not installed", "convert_pth_to_npz")
         assert "sampler" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_resume_between_metrics_rows_logs_the_uninterrupted_rows_bitwise(fashion_mnist_data_dir, tmp_path):
+    """Rows every 4 steps, checkpoints every 3: resuming from step 3 (a SIGKILL after the row of step 4, or a
+    SIGTERM's save at any step) averaged the row of step 4 over step 4 alone. The checkpoint keeps the metrics of
+    its steps since the last row, so every row is the uninterrupted run's, bit for bit."""
+    from _cli import in_process_config
+    from ddpm_eqx.config import apply_overrides
+    from ddpm_eqx.train import train
+
+    cfg = apply_overrides(in_process_config(fashion_mnist_data_dir), [
+        "training.num_train_steps=6", "training.log_every_steps=4", "training.save_and_sample_every=3",
+        "training.num_sample=0"])
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(cfg, whole, progress=False)
+    assert _committed(whole) == [3, 6]
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after the row of step 4, before the save at 6
+    train(cfg, resumed, progress=False)
+
+    def rows(workdir: Path) -> list[tuple]:
+        return [(r["step"], r["loss"], r["grad_norm"], r["lr"])
+                for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+    assert [r[0] for r in rows(whole)] == [4, 6] and rows(resumed) == rows(whole)

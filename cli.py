@@ -105,9 +105,11 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
                                    process_id=process_id)
 
 
-def resolve_config(dataset: Optional[str], config_file: Optional[Path], overrides: list[str]):  # noqa: ANN201
-    """The run's config: ``--config``, else ``configs/<dataset>.py``, else ``Config()`` for ``--dataset`` (whose image
-    size and channels :func:`ddpm_eqx.train.fit_to_data` then takes from the data); ``overrides`` on top. A
+def resolve_config(dataset: Optional[str], config_file: Optional[Path], overrides: list[str],  # noqa: ANN201
+                   workdir: Optional[Path] = None):
+    """The run's config: ``--config`` (a .py, or a run's config.json), else ``configs/<dataset>.py``, else
+    ``Config()`` for ``--dataset`` (whose image size and channels :func:`ddpm_eqx.train.fit_to_data` then takes
+    from the data), else the config.json of the run in ``workdir`` (continuing it); ``overrides`` on top. A
     dataset given as a path is stored absolute (a relative one named another folder from elsewhere)."""
     import dataclasses
 
@@ -120,8 +122,11 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
     elif dataset is not None:
         cfg = C.Config()
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
+    elif workdir is not None and (workdir.expanduser() / "config.json").is_file():
+        cfg = C.load_config_file(workdir.expanduser() / "config.json")
     else:
-        raise C.ConfigError("give --dataset NAME (e.g. fashion_mnist, or a folder of images) or --config FILE")
+        raise C.ConfigError("give --dataset NAME (e.g. fashion_mnist, or a folder of images), --config FILE, or "
+                            "--workdir of a run to continue")
     if dataset is not None and config_file is not None:
         overrides = [f"data.dataset={dataset}", *overrides]
     cfg = C.apply_overrides(cfg, overrides)
@@ -154,20 +159,46 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     stored_dataset = old.get("data", {}).get("dataset")
     if isinstance(stored_dataset, str):  # stored relative before 0.3 (now absolute): the same folder is the same
         old = {**old, "data": {**old["data"], "dataset": _absolute_if_path(stored_dataset)}}
+    # sampling.* draws the grids (another sampler on resume is fine) and training.eval_every's samples (whose
+    # scores along the run compare only under one sampler).
+    evaluated = bool(new["training"].get("eval_every") or old.get("training", {}).get("eval_every"))
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
             continue
         if isinstance(values, dict):
             for k, v in values.items():
                 before = old.get(section, {}).get(k, as_read(defaults[section][k]))
-                if as_read(v) != before and f"{section}.{k}" not in RESUMABLE_KEYS:
+                if as_read(v) == before:
+                    continue
+                if section == "sampling" and evaluated:  # the grids' sampler, and the evaluation rows'
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sampler of training.eval_every's scores)")
+                elif section != "sampling" and f"{section}.{k}" not in RESUMABLE_KEYS:
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
-                elif as_read(v) != before and k == "num_train_steps" and new["optim"].get("cosine_decay"):
+                elif k == "num_train_steps" and new["optim"].get("cosine_decay"):
                     # The cosine schedule is stretched over the run's length: another length changes the lr.
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r} (re-stretches optim.cosine_decay's lr)")
         elif (before := old.get(section, defaults[section])) != values:
             diffs.append(f"{section}: {before!r} -> {values!r}")
     return diffs
+
+
+def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
+    """Whether a run of config ``old`` (as config.json reads) has the train state's shapes that ``cfg`` has: a
+    checkpoint of one restores into the other (no model built: shapes only)."""
+    import jax
+
+    from ddpm_eqx.config import ConfigError, from_json
+    from ddpm_eqx.state import state_skeleton
+
+    try:
+        before = state_skeleton(from_json(json.dumps(old)))
+    except (ConfigError, ValueError, TypeError, KeyError):  # a config of another version that no longer loads
+        return True  # the restore's own check then names what does not match
+    def arrays(state: object) -> list[tuple[str, tuple[int, ...], object]]:  # as Orbax stores them: by path
+        return [(jax.tree_util.keystr(path), x.shape, x.dtype)
+                for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+    return arrays(before) == arrays(state_skeleton(cfg))
 
 
 _LOCKS: dict[Path, object] = {}  # workdir -> its open lock file: held until this process exits, however it exits
@@ -226,15 +257,28 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
     steps = _checkpoint_steps(workdir)
     if path.is_file():
         text = path.read_text()
+    if steps:  # fewer steps than the run has done: refused before config.json is touched
+        from ddpm_eqx.config import ConfigError
+        from ddpm_eqx.train import check_steps_left
+
+        try:
+            check_steps_left(cfg, max(map(int, steps)), False, None)
+        except ConfigError as e:
+            fail(str(e), 2)
     if text is not None and steps:
         try:
             old = json.loads(text)
         except ValueError:
             fail(f"{path} is not valid JSON (edited by hand?); restore it, or use another --workdir", 2)
         diffs = _config_differences(old, to_dict(cfg))
+        listed = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        if diffs and not _same_weight_shapes(old, cfg):
+            fail(f"{workdir} holds a run whose checkpoints have other shapes than this config's train state "
+                 f"({listed}), so not even --force can continue it; use another --workdir, or continue it as it was "
+                 f"with `ddpm-eqx train --workdir {workdir}`", 2)
         if diffs and not force:
-            fail(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); use another "
-                 "--workdir, or --force to continue it with the new config", 2)
+            fail(f"{workdir} holds a run with a different config ({listed}); use another --workdir, --force to "
+                 f"continue it with the new config, or `ddpm-eqx train --workdir {workdir}` to continue it as it was", 2)
         if diffs:
             backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
             write_text_atomic(backup, text)
@@ -256,8 +300,10 @@ def train(
         help="TFDS name (picks configs/NAME.py if there is one), a folder of images or an .npz")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A config file with get_config()")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. optim.lr=2e-4 (repeatable)")] = None,
-    workdir: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<dataset>)")] = None,
-    restore_from: Annotated[Optional[str], typer.Option(help="Another run's folder, or wandb:ENTITY/PROJECT/NAME:V")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(
+        help="Run folder (default runs/<dataset>); alone, continues the run there with its config.json")] = None,
+    restore_from: Annotated[Optional[str], typer.Option(
+        help="Continue another run (folder, or wandb:ENTITY/PROJECT/NAME:V) in a new --workdir")] = None,
     force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
     host_devices: Annotated[Optional[int], typer.Option(
         help="XLA devices to split a CPU into (default: the cores, or the most of them that divide the batch)")] = None,
@@ -270,7 +316,7 @@ def train(
     from ddpm_eqx.config import ConfigError
 
     try:  # before JAX and the data libraries load (~4 s): a mistyped --set is an instant error
-        cfg = resolve_config(dataset, config, set_ or [])
+        cfg = resolve_config(dataset, config, set_ or [], workdir)
     except ConfigError as e:
         fail(str(e), 2)
     # The batch each process splits across its devices; unknown where the process count is detected by

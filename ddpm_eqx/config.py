@@ -394,10 +394,18 @@ def from_json(text: str) -> Config:
 
 
 def load_config_file(path: str | Path) -> Config:
-    """Import a config file and call its ``get_config()``."""
+    """Import a config file and call its ``get_config()``; or read a run's ``config.json``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.py")
+    if path.suffix == ".json":
+        try:
+            return from_json(path.read_text())
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{path} is not a ddpm-eqx run's config.json ({detail})") from None
+    if path.suffix != ".py":
+        raise ConfigError(f"config file {str(path)!r} is neither a .py with get_config() nor a run's config.json")
     spec = importlib.util.spec_from_file_location(f"_ddpm_eqx_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -92,6 +92,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton))
     state = init_state(build_model(cfg), optimizer) if restored is None else restored[0]
     start = int(state.step)
+    check_steps_left(cfg, start, restored is not None and not ckpt.all_steps(), restore_from)
     state = replicate(state, mesh)
     process = replicate(process, mesh)
     train_step = make_train_step(cfg, process, optimizer, mesh, trace_cache=trace_cache)
@@ -157,7 +158,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
             _save(ckpt, step, state, iterator, cfg, environment, window)
         ckpt.wait()
-        if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps:
+        if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps and step > start:
             _log_model(run, ckpt.directory, step)
         finished = True
     except OSError as e:
@@ -294,6 +295,19 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: 
     meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment,
             "metrics_window": _window_to_json(window)}
     ckpt.save(step, state, iterator.get_state(), meta)
+
+
+def check_steps_left(cfg: Config, start: int, restored_elsewhere: bool, restore_from: str | Path | None) -> None:
+    """``ConfigError`` where a run would train nothing: resumed past ``training.num_train_steps`` (a finished run
+    rerun with its own length is fine: it says so), or restored from another run at or past it."""
+    total = cfg.training.num_train_steps
+    if restored_elsewhere and start >= total:
+        raise ConfigError(f"--restore-from {restore_from} is at step {start}, not below training.num_train_steps="
+                          f"{total}: nothing to train. It continues that run (weights, EMA, optimizer and its "
+                          f"schedule, data position), so give training.num_train_steps above {start}")
+    if start > total:
+        raise ConfigError(f"this run is at step {start}, past training.num_train_steps={total}: nothing to train; "
+                          f"give a larger training.num_train_steps to train on (its checkpoints are kept as they are)")
 
 
 def _window_to_json(window: list[dict[str, Any]]) -> dict[str, Any]:

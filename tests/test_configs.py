@@ -40,3 +40,23 @@ def test_a_config_named_after_the_seeds_has_its_values(name: str) -> None:
         for part in key.split("."):
             value = getattr(value, part)
         assert value == pytest.approx(expected) if isinstance(expected, float) else value == expected, (key, value)
+
+
+def test_a_runs_config_json_is_a_config_file_and_other_files_are_one_line_errors(tmp_path) -> None:
+    """`--config runs/x/config.json` crashed with an AssertionError (it was imported as Python)."""
+    import dataclasses
+
+    from ddpm_eqx.config import Config, ConfigError, to_json
+
+    cfg = dataclasses.replace(Config(), seed=7)
+    (tmp_path / "config.json").write_text(to_json(cfg))
+    assert load_config_file(tmp_path / "config.json") == cfg
+    (tmp_path / "notes.txt").write_text("lr 1e-3")
+    with pytest.raises(ConfigError, match="notes.txt' is neither a .py with get_config\\(\\) nor a run's config.json"):
+        load_config_file(tmp_path / "notes.txt")
+    (tmp_path / "bad.json").write_text('{"optim": {"learning_rate": 1}}')
+    with pytest.raises(ConfigError, match="bad.json is not a ddpm-eqx run's config.json"):
+        load_config_file(tmp_path / "bad.json")
+    (tmp_path / "torn.json").write_text('{"optim": {"lr"')
+    with pytest.raises(ConfigError, match="torn.json is not a ddpm-eqx run's config.json"):
+        load_config_file(tmp_path / "torn.json")

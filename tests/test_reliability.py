@@ -64,11 +64,29 @@ def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fas
     shutil.copytree(reference_run[0], workdir)
     before = (workdir / "config.json").read_text()
     result = _run(_train_args(fashion_mnist_data_dir, workdir, 8, "optim.lr=5e-4"), tmp_path)
-    _one_line_error(result, 2, "holds a run with a different config", "optim.lr: 0.001 -> 0.0005", "--force")
+    _one_line_error(result, 2, "holds a run with a different config", "optim.lr: 0.001 -> 0.0005", "--force",
+                    f"`ddpm-eqx train --workdir {workdir}` to continue it as it was")
     assert (workdir / "config.json").read_text() == before
-    # More steps for the same run is not a different run: it resumes.
-    more = _run(_train_args(fashion_mnist_data_dir, workdir, 10), tmp_path)
+    listing = sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.name != ".lock")
+    # Weights of other shapes: --force cannot continue it (it failed later, blaming the checkpoints).
+    result = _run([*_train_args(fashion_mnist_data_dir, workdir, 8, "model.dim=16"), "--force"], tmp_path)
+    _one_line_error(result, 2, "other shapes than this config's train state (model.dim: 8 -> 16)",
+                    "not even --force", "use another --workdir")
+    # Fewer steps than the run has done: nothing to train (it exited 0 and rewrote config.json to 6 steps).
+    result = _run(_train_args(fashion_mnist_data_dir, workdir, 6), tmp_path)
+    _one_line_error(result, 2, "this run is at step 8, past training.num_train_steps=6: nothing to train")
+    # Restored into a new run at or past its length: nothing to train (it exited 0 without a checkpoint).
+    result = _run([*_train_args(fashion_mnist_data_dir, tmp_path / "new", 8), "--restore-from", str(workdir)], tmp_path)
+    _one_line_error(result, 2, f"--restore-from {workdir} is at step 8, not below training.num_train_steps=8",
+                    "give training.num_train_steps above 8")
+    assert _committed(tmp_path / "new") == []
+    assert (workdir / "config.json").read_text() == before
+    assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.name != ".lock") == listing
+    # More steps for the same run is not a different run: it resumes, and --workdir alone takes its config.
+    more = _run(_cmd("train", "--workdir", str(workdir), "--host-devices", "2", "--set", "training.num_train_steps=10"),
+                tmp_path)
     assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
+    assert "finished at step 10" in more.stdout and _committed(workdir)[-1] == 10
 
 
 def test_a_config_json_written_before_an_option_existed_is_the_same_run():
@@ -85,6 +103,13 @@ def test_a_config_json_written_before_an_option_existed_is_the_same_run():
     assert cli._config_differences(old, new) == []
     changed = to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "training.eval_num=5", "seed=7"]))
     assert cli._config_differences(old, changed) == ["training.eval_num: 1000 -> 5", "seed: 42 -> 7"]
+    # The grids' sampler may change on resume, unless training.eval_every scores samples drawn with it.
+    grids = to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "sampling.sampler=ddim", "sampling.steps=50"]))
+    assert cli._config_differences(old, grids) == []
+    scored = json.loads(json.dumps(to_dict(apply_overrides(Config(), ["optim.lr=5e-4", "training.eval_every=100"]))))
+    assert cli._config_differences(scored, {**grids, "training": scored["training"]}) == [
+        "sampling.sampler: 'ddpm' -> 'ddim' (the sampler of training.eval_every's scores)",
+        "sampling.steps: None -> 50 (the sampler of training.eval_every's scores)"]
     old["optim"]["lr"] = 1e-3
     assert cli._config_differences(old, new) == ["optim.lr: 0.001 -> 0.0005"]
 

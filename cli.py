@@ -122,6 +122,8 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
     elif dataset is not None:
         cfg = C.Config()
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
+    elif workdir is not None and (trained := _trained_config(workdir.expanduser())) is not None:
+        cfg = C.from_dict(trained)  # as its newest checkpoint was trained
     elif workdir is not None and (workdir.expanduser() / "config.json").is_file():
         cfg = C.load_config_file(workdir.expanduser() / "config.json")
     else:
@@ -237,6 +239,19 @@ def _checkpoint_steps(workdir: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
 
 
+def _trained_config(workdir: Path, steps: set[str] | None = None) -> Optional[dict]:
+    """The config the run's newest checkpoint was trained with (its ``meta``, Orbax's JSON item, read as the
+    file it is: no JAX needed), or None where no checkpoint has a readable one."""
+    for step in sorted(map(int, _checkpoint_steps(workdir) if steps is None else steps), reverse=True):
+        try:
+            config = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
 def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # noqa: ANN001
     """Check ``workdir`` and write ``cfg`` as its config.json. A config.json beside checkpoints is a run: another
     config continues it only with ``force`` (the old file kept as config.N.json); without checkpoints it is an
@@ -265,11 +280,15 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
             check_steps_left(cfg, max(map(int, steps)), False, None)
         except ConfigError as e:
             fail(str(e), 2)
-    if text is not None and steps:
+    # What the checkpoints were trained with: the newest one's config, else config.json (which a forced start
+    # rewrites before it saves, and a SIGKILL leaves so).
+    old = _trained_config(workdir, steps)
+    if old is None and text is not None and steps:
         try:
             old = json.loads(text)
         except ValueError:
             fail(f"{path} is not valid JSON (edited by hand?); restore it, or use another --workdir", 2)
+    if old is not None:
         diffs = _config_differences(old, to_dict(cfg))
         listed = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         if diffs and not _same_weight_shapes(old, cfg):
@@ -279,7 +298,7 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
         if diffs and not force:
             fail(f"{workdir} holds a run with a different config ({listed}); use another --workdir, --force to "
                  f"continue it with the new config, or `ddpm-eqx train --workdir {workdir}` to continue it as it was", 2)
-        if diffs:
+        if diffs and text is not None:
             backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
             write_text_atomic(backup, text)
     if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is

@@ -82,11 +82,15 @@ def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fas
     assert _committed(tmp_path / "new") == []
     assert (workdir / "config.json").read_text() == before
     assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.name != ".lock") == listing
+    # A forced start killed before its first save leaves config.json with its config (lr 5e-4), which the
+    # checkpoints were never trained with: the run is what its newest checkpoint says (lr 1e-3).
+    (workdir / "config.json").write_text(before.replace('"lr": 0.001', '"lr": 0.0005'))
     # More steps for the same run is not a different run: it resumes, and --workdir alone takes its config.
     more = _run(_cmd("train", "--workdir", str(workdir), "--host-devices", "2", "--set", "training.num_train_steps=10"),
                 tmp_path)
     assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
     assert "finished at step 10" in more.stdout and _committed(workdir)[-1] == 10
+    assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.001
 
 
 def test_a_config_json_written_before_an_option_existed_is_the_same_run():

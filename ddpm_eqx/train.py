@@ -109,6 +109,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     stop = _StopFlag()
     log.info("training %s from step %d to %d on %d device(s), global batch %d, malloc %s", cfg.data.dataset, start,
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
+    if (note := loss_weighting_note(cfg)) is not None:
+        log.warning(note)
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
@@ -295,6 +297,15 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: 
     meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment,
             "metrics_window": _window_to_json(window)}
     ckpt.save(step, state, iterator.get_state(), meta)
+
+
+def loss_weighting_note(cfg: Config) -> str | None:
+    """A line where the loss weighting is not what its paper derives: min-SNR-gamma with a loss other than l2."""
+    if cfg.ddpm.min_snr_gamma is None or cfg.training.loss_type == "l2":
+        return None
+    return (f"ddpm.min_snr_gamma with training.loss_type={cfg.training.loss_type}: min-SNR's weights are derived for "
+            f"the squared error (Hang et al. 2023), so they do not balance an {cfg.training.loss_type} loss as the "
+            "paper's do; --set training.loss_type=l2 for the paper's weighting")
 
 
 def check_steps_left(cfg: Config, start: int, restored_elsewhere: bool, restore_from: str | Path | None) -> None:

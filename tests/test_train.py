@@ -135,3 +135,13 @@ def test_a_metrics_row_is_the_mean_over_its_steps():
     window = [{"loss": np.float32(1.0), "grad_norm": np.float32(4.0), "lr": np.float32(0.1)},
               {"loss": np.float32(2.0), "grad_norm": np.float32(2.0), "lr": np.float32(0.2)}]
     assert window_means(window) == {"loss": 1.5, "grad_norm": 3.0, "lr": pytest.approx(0.2)}
+
+
+def test_min_snr_with_a_loss_it_was_not_derived_for_is_named():
+    from ddpm_eqx.train import loss_weighting_note
+
+    assert loss_weighting_note(apply_overrides(Config(), ["ddpm.min_snr_gamma=5"])) is not None  # Config(): l1
+    note = loss_weighting_note(apply_overrides(Config(), ["ddpm.min_snr_gamma=5", "training.loss_type=l1"]))
+    assert note is not None and "--set training.loss_type=l2" in note
+    assert loss_weighting_note(apply_overrides(Config(), ["ddpm.min_snr_gamma=5", "training.loss_type=l2"])) is None
+    assert loss_weighting_note(Config()) is None  # no min-SNR

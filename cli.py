@@ -185,7 +185,7 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 
 
 def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
-    """Whether a run of config ``old`` (as config.json reads) has the train state's shapes that ``cfg`` has: a
+    """Whether a run of config ``old`` (a config as JSON reads it) has the train state's shapes ``cfg`` has: a
     checkpoint of one restores into the other (no model built: shapes only)."""
     import jax
 
@@ -196,6 +196,7 @@ def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
         before = state_skeleton(from_json(json.dumps(old)))
     except (ConfigError, ValueError, TypeError, KeyError):  # a config of another version that no longer loads
         return True  # the restore's own check then names what does not match
+
     def arrays(state: object) -> list[tuple[str, tuple[int, ...], object]]:  # as Orbax stores them: by path
         return [(jax.tree_util.keystr(path), x.shape, x.dtype)
                 for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]

@@ -416,6 +416,11 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)
+        if self._num_workers:
+            # Workers send batches in shared memory, unlinked when their array is collected: one still held at
+            # interpreter exit (a script keeping a batch) fails in Grain's __del__, a traceback per array. A copy
+            # (~3 ms for 1024 Fashion-MNIST images measured here, against ~140 ms to decode them) lets it go now.
+            batch = {k: np.array(v) for k, v in batch.items()}
         self._next += 1
         return batch
 
@@ -475,10 +480,12 @@ def make_train_iterator(
     if cfg.batch_size % count:
         raise DataError(f"data.batch_size={cfg.batch_size} must be divisible by the process count ({count})")
     read = _reader(cfg, cfg.split)
-    per_process = len(read.source) // count
-    if per_process == 0:
-        raise DataError(f"{cfg.dataset}[{cfg.split}] has {len(read.source)} examples, fewer than {count} processes")
-    # Strided shards, so that class-sorted files still give every process every class.
+    total = len(read.source)
+    # Strided shards, so that class-sorted files still give every process every class; the first total % count
+    # processes hold one example more (no example is left out of every epoch).
+    if total < count:
+        raise DataError(f"{cfg.dataset}[{cfg.split}] has {total} examples, fewer than {count} processes")
+    per_process = total // count + (index < total % count)
     start, stride = index, count
     shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence([seed % 2**32, index]).generate_state(2))
 
@@ -488,15 +495,15 @@ def make_train_iterator(
     if cfg.cache and not fits:
         warnings.warn(f"data.cache: the decoded split ({nbytes / 2**30:.1f} GiB) does not fit in memory; "
                       "reading from disk instead", stacklevel=2)
-    cache = fits and (cfg.cache if cfg.cache is not None else examples is None or examples >= per_process * count)
+    cache = fits and (cfg.cache if cfg.cache is not None else examples is None or examples >= total)
     if cfg.cache is None:
-        reads = "endlessly" if examples is None else f"{examples / (per_process * count):.3g}x"
+        reads = "endlessly" if examples is None else f"{examples / total:.3g}x"
         log.info("data: %s %s (%.0f MiB decoded; the run reads it %s)", what,
                  "decoded once into memory" if cache else "read from disk", nbytes / 2**20, reads)
     reader: _ReadRecords | _InMemory = read
     workers = cfg.num_workers
     if cache:
-        shard = np.arange(index, per_process * count, count)
+        shard = np.arange(index, total, count)
         reader = _InMemory(*_decode(read, shard, cfg.num_workers, what))
         start, stride = 0, 1  # positions in the decoded shard
         # Workers only decode the split: gathering a cached batch (~3 ms for 128) costs less than passing

@@ -133,7 +133,12 @@ def _listing(root: Path) -> list[Path]:
     """The files under ``root``, following linked folders (a class folder may be a link; each real folder
     once), leaving out hidden files and folders (``.ipynb_checkpoints/`` is no class)."""
     found, seen = [], set()
-    for folder, dirs, names in os.walk(root, followlinks=True):
+
+    def unreadable(err: OSError) -> None:  # os.walk skips a folder it cannot list: a class would vanish
+        raise DataError(f"cannot read {err.filename} ({err.strerror}), a folder of {root}: make it readable "
+                        "(chmod) or move it out")
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link back up the tree, or a second link to one folder
             dirs[:] = []

@@ -96,8 +96,23 @@ def _missing_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path, downl
     return missing
 
 
+def _foreign_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path) -> list[str]:
+    """Lines for the files in ``manual_dir`` that have a registered archive's name but not its size: another
+    dataset's file of that name (MNIST and Fashion-MNIST share theirs), which TFDS would fail on by checksum."""
+    lines = []
+    for url, info in (builder.url_infos or {}).items():
+        name = info.filename or url.rstrip("/").rsplit("/", 1)[-1]
+        if (manual_dir / name).is_file() and info.size and (size := (manual_dir / name).stat().st_size) != int(info.size):
+            lines.append(f"{name} ({size:,} bytes, {builder.name}'s has {int(info.size):,})")
+    return lines
+
+
 def _download_and_prepare(builder: tfds.core.DatasetBuilder, cfg: DataConfig, download: bool) -> None:
     name, manual_dir = builder.name, _manual_dir(cfg)
+    if foreign := _foreign_archives(builder, manual_dir):
+        raise DataError(f"{manual_dir}/ holds files named as {name}'s archives that are not them: "
+                        f"{'; '.join(foreign)} (another dataset's?); give {name}'s archives a folder of their own and "
+                        "pass it as --manual-dir (data prepare) or --set data.manual_dir=DIR")
     missing = _missing_archives(builder, manual_dir, data_dir_of(cfg) / "downloads")
     where = f"place {', '.join(f'{f} ({u})' for u, f in missing.items())} in {manual_dir}/"
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (manual_dir.is_dir() and any(manual_dir.iterdir())):

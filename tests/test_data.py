@@ -285,16 +285,16 @@ if __name__ == "__main__":
     next(closed)
     closed.close()  # closed, but still referenced at exit
     it = make_train_iterator(cfg, seed=0)  # a run's iterator: its workers have buffered batches by exit
-    taken = sum(len(next(it)["image"]) for _ in range(3))
+    kept = [next(it) for _ in range(3)]  # and a script keeps what it took (printed a traceback per array)
     images, _ = load_split_array(cfg, "train")  # then a one-off decode on workers, just before the exit
-    print(len(images), taken)
+    print(len(images), sum(len(batch["image"]) for batch in kept))
 """
 
 
 def test_worker_batches_leave_no_shared_memory_at_exit(small_npz: tuple[str, str], tmp_path: Path) -> None:
     """Grain's workers send batches in shared memory: a process that ends right after them unlinks it itself
     (otherwise Python's resource tracker does, warning of "leaked shared_memory objects"), and its iterators,
-    closed or not, end quietly."""
+    closed or not, and the batches a script keeps, end quietly."""
     script = tmp_path / "workers.py"  # a file: the workers start with spawn, which re-imports __main__
     script.write_text(_WORKERS_THEN_EXIT)
     done = subprocess.run([sys.executable, str(script), *small_npz], capture_output=True, text=True, timeout=300)
@@ -347,6 +347,12 @@ def test_process_shards(small_npz: tuple[str, str]) -> None:
         assert batches[0]["image"].shape == (8, 1, 4, 4)  # the global batch is split over processes
         seen.append(set(np.concatenate([ids_and_flips(b)[0] for b in batches]).tolist()))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(N_SMALL))
+    # 64 examples over 3 processes: shards of 22, 21, 21 (the last example was left out of every epoch).
+    three = dataclasses.replace(cfg, batch_size=15)
+    shards = [set(np.concatenate([ids_and_flips(b)[0] for b in take(iterator(three, seed=0, process_index=index,
+                                                                             process_count=3), 5)]).tolist())
+              for index in range(3)]
+    assert [len(s) for s in shards] == [22, 21, 21] and set().union(*shards) == set(range(N_SMALL))
     with pytest.raises(DataError, match="divisible"):
         make_train_iterator(dataclasses.replace(cfg, batch_size=15), seed=0, process_index=0, process_count=2)
 
@@ -774,3 +780,51 @@ def test_a_dataset_without_a_config_file_takes_its_image_size_and_channels_from_
     np.savez(small, image=np.zeros((2, 12, 12), np.uint8))
     fitted, _ = fit_to_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(small))))
     assert (fitted.data.image_size, fitted.data.channels) == (12, 1)
+
+
+def test_another_datasets_archive_of_the_same_name_in_the_manual_dir_is_named(tmp_path) -> None:
+    """MNIST and Fashion-MNIST name their archives alike: with Fashion-MNIST's in the manual dir (as run.sh puts
+    them), preparing mnist failed on a checksum, its message cut before it said which file was wrong."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "t10k-images-idx3-ubyte.gz").write_bytes(b"x" * 10)
+    cfg = DataConfig(dataset="mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    with pytest.raises(DataError, match=r"holds files named as mnist's archives that are not them: "
+                                        r"t10k-images-idx3-ubyte.gz \(10 bytes, mnist's has 1,648,877\).*--manual-dir"):
+        prepare_dataset(cfg)
+
+
+def test_a_class_folder_that_cannot_be_read_is_an_error_not_a_missing_class(tmp_path, monkeypatch) -> None:
+    """os.walk skipped a folder it could not list: its class vanished and the later classes' labels shifted,
+    with a warning calling it a folder "without images". (Unreadable by permissions is not testable as root:
+    the listing is refused the way the kernel refuses it.)"""
+    import os
+
+    folder = tmp_path / "images"
+    for cls in ("a", "b", "c"):
+        (folder / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / cls / "0.png")
+    scandir = os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if Path(path) == folder / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8, channels=1)
+    with pytest.raises(DataError, match=rf"cannot read {folder / 'b'} \(Permission denied\), a folder of {folder}"):
+        prepare_dataset(cfg)
+
+
+def test_a_conditional_model_on_data_without_labels_is_refused(tmp_path) -> None:
+    from ddpm_eqx.config import Config, ConfigError, ModelConfig
+    from ddpm_eqx.train import validate_setup
+
+    np.savez(tmp_path / "faces.npz", image=np.zeros((16, 8, 8), np.uint8))
+    cfg = Config(data=DataConfig(dataset=str(tmp_path / "faces.npz"), data_dir=str(tmp_path / "tfds"), image_size=8,
+                                 channels=1, batch_size=8),
+                 model=ModelConfig(dim=8, dim_mults=(1, 2), resnet_block_groups=4, num_classes=3))
+    with pytest.raises(ConfigError, match=r"model.num_classes=3 but .*faces.npz has no class labels .*drop "
+                                          r"model.num_classes"):
+        validate_setup(cfg)

@@ -385,6 +385,28 @@ def _from_dict(data: dict[str, Any]) -> Config:
     return Config(**sections)
 
 
+_NOT_TRACED = {
+    "data": ("dataset", "split", "cache", "data_dir", "manual_dir", "num_workers", "prefetch", "random_flip"),
+    "training": ("log_every_steps", "save_and_sample_every", "num_sample", "max_to_keep", "eval_every", "eval_num"),
+}
+
+
+def program_json(config: Config) -> str:
+    """``config`` as JSON less what never reaches a traced program (the train step, the samplers): where the data
+    comes from and how it is loaded (flips included), logging, checkpoint and evaluation cadence, W&B, the grids'
+    ``sampling.*`` (a sampler's own options are keyed apart), and ``training.num_train_steps`` unless a cosine
+    schedule is stretched over it. The trace cache's key: a run extended, or logged differently, reads its stored
+    programs instead of tracing them again (``tests/test_trace_cache.py`` lowers both and compares)."""
+    data = to_dict(config)
+    for section, keys in _NOT_TRACED.items():
+        for key in keys:
+            del data[section][key]
+    del data["wandb"], data["sampling"]
+    if not config.optim.cosine_decay:
+        del data["training"]["num_train_steps"]
+    return json.dumps(data, sort_keys=True)
+
+
 def to_json(config: Config) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx.checkpoint import CheckpointError, Checkpointer
-from ddpm_eqx.config import Config, from_json, to_json
+from ddpm_eqx.config import Config, from_json, program_json
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid, save_trajectory, to_uint8
 from ddpm_eqx.logging_utils import log, setup_logging
@@ -174,7 +174,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler_name: Sampler = "ddim" if req.sampler == "ddim" else "ddpm"
     kwargs = dict(sampler=sampler_name, steps=req.steps, eta=req.eta, guidance=req.guidance,
-                  conditional=num_classes is not None, trace_cache=req.trace_cache, determines=to_json(cfg))
+                  conditional=num_classes is not None, trace_cache=req.trace_cache, determines=program_json(cfg))
     draw = ShardedSampler(process, model, shape, mesh, **kwargs)  # type: ignore[arg-type]
     keys = jax.random.split(jax.random.key(req.seed), req.num)
     labels = _labels(req, num_classes)

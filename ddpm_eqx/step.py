@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ddpm_eqx._types import Image, Images, Keys, Label
-from ddpm_eqx.config import Config, to_json
+from ddpm_eqx.config import Config, program_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.layers import FourierFeatures
 from ddpm_eqx.logging_utils import log
@@ -153,7 +153,7 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr_schedule(state.step))}
         return TrainState(state.step + 1, model, ema_model, opt_state), metrics
 
-    return TrainStep(train_step, traces, trace_cache=trace_cache, determines=to_json(cfg))
+    return TrainStep(train_step, traces, trace_cache=trace_cache, determines=program_json(cfg))
 
 
 StepFn = Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]]

@@ -25,7 +25,7 @@ import numpy as np
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts
-from ddpm_eqx.config import Config, ConfigError, to_dict, to_json
+from ddpm_eqx.config import Config, ConfigError, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
@@ -100,7 +100,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     sampler = ShardedSampler(process, state.ema_model, shape, mesh, sampler=cfg.sampling.sampler,
                              steps=cfg.sampling.steps, eta=cfg.sampling.eta, guidance=cfg.sampling.guidance,
                              conditional=cfg.model.num_classes is not None, trace_cache=trace_cache,
-                             determines=to_json(cfg))
+                             determines=program_json(cfg))
     lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
     run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,

@@ -216,3 +216,34 @@ def test_a_state_with_other_static_leaves_or_structure_gets_its_own_program():
     out, _ = step(out, images, labels)  # the same signature: no trace
     np.testing.assert_array_equal(out.model[0], np.full(4, (3.0 + 8) * 3.0 + 8))
     assert traces == [3]
+
+
+def test_the_stored_programs_key_leaves_out_only_what_no_program_reads():
+    """A run extended (training.num_train_steps) or logged differently traced its step again and stored a
+    byte-identical copy: the key was the whole config. Now it is :func:`program_json`: every field it leaves out
+    is changed here and the lowered train step is the same text; a field it keeps (the cosine schedule's length)
+    changes the program."""
+    from ddpm_eqx.config import program_json
+
+    def lowered(cfg: Config) -> str:
+        mesh = make_mesh()
+        state, process, optimizer = build_state(cfg)
+        state, process = replicate(state, mesh), replicate(process, mesh)
+        step = make_train_step(cfg, process, optimizer, mesh)
+        batch = shard_batch((np.zeros((8, 1, 8, 8), np.float32), np.zeros(8, np.int32)), mesh)
+        return eqx.filter_jit(step._fn).lower(state, *batch).as_text()
+
+    base = apply_overrides(Config(), [*TINY, "optim.warmup_steps=10"])
+    other = apply_overrides(base, [
+        "data.dataset=/elsewhere/faces.npz", "data.split=train[:50%]", "data.cache=true", "data.data_dir=/tmp/x",
+        "data.manual_dir=/tmp/y", "data.num_workers=3", "data.prefetch=5", "data.random_flip=false",
+        "training.num_train_steps=99", "training.log_every_steps=7", "training.save_and_sample_every=9",
+        "training.num_sample=5", "training.max_to_keep=9", "training.eval_every=50", "training.eval_num=20",
+        "wandb.mode=offline", "wandb.project=other", "sampling.sampler=ddim", "sampling.steps=10", "sampling.eta=0.5"])
+    assert to_json(other) != to_json(base) and program_json(other) == program_json(base)
+    assert lowered(other) == lowered(base)
+    cosine = apply_overrides(base, ["optim.cosine_decay=true"])
+    longer = apply_overrides(cosine, ["training.num_train_steps=99"])
+    assert program_json(longer) != program_json(cosine) and lowered(longer) != lowered(cosine)
+    for kept in ("optim.lr=3e-4", "seed=3", "ema.beta=0.9", "training.cond_drop_prob=0.2", "ddpm.objective=pred_v"):
+        assert program_json(apply_overrides(base, [kept])) != program_json(base), kept

@@ -84,6 +84,16 @@ class MetricsWriter:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._last = (time.perf_counter(), start_step)
+        self._first_row: tuple[float, int] | None = None  # (time, step) of the first row: the ETA's origin
+
+    def eta_s(self, now: float, step: int, row_wall_s: float, row_steps: int) -> float:
+        """Seconds to the last step at the wall-clock pace since the first row (checkpoints, grids and evaluations
+        included: they take that time too; the first row's compile left out); at the first row, its own pace."""
+        if self._first_row is None:
+            self._first_row = (now, step)
+        origin_time, origin_step = self._first_row
+        seconds, steps = (now - origin_time, step - origin_step) if step > origin_step else (row_wall_s, row_steps)
+        return (self.total - step) * seconds / max(steps, 1)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their rows (and a line torn by a
@@ -120,7 +130,7 @@ class MetricsWriter:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         else:
-            eta = (self.total - step) / max(rate, 1e-9)
+            eta = self.eta_s(now, step, now - then, step - then_step)
             log.info("step %d/%d loss %.4f  %.2f steps/s  eta %s", step, self.total, metrics["loss"], rate,
                      duration(eta))
         return record

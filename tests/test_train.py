@@ -145,3 +145,16 @@ def test_min_snr_with_a_loss_it_was_not_derived_for_is_named():
     assert note is not None and "--set training.loss_type=l2" in note
     assert loss_weighting_note(apply_overrides(Config(), ["ddpm.min_snr_gamma=5", "training.loss_type=l2"])) is None
     assert loss_weighting_note(Config()) is None  # no min-SNR
+
+
+def test_the_eta_follows_the_wall_clock_since_the_first_row(tmp_path):
+    """The plain-text ETA divided the steps left by the last row's training rate, which leaves out checkpoints,
+    grids and evaluations: with frequent saves it read low (1.34x in a long review run) and jumped between rows.
+    Now: the wall-clock pace since the first row (whose compile is left out)."""
+    from ddpm_eqx.logging_utils import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, None, total_steps=1000, start_step=0, progress=False)
+    assert writer.eta_s(now=60.0, step=100, row_wall_s=60.0, row_steps=100) == pytest.approx(900 * 0.6)  # its own
+    # 100 steps of 10 s training + a 10 s checkpoint: 0.2 s a step, whatever the row's own training rate says.
+    assert writer.eta_s(now=80.0, step=200, row_wall_s=20.0, row_steps=100) == pytest.approx(800 * 0.2)
+    assert writer.eta_s(now=90.0, step=300, row_wall_s=10.0, row_steps=100) == pytest.approx(700 * 0.15)

@@ -382,10 +382,13 @@ class _Evaluator:
 
 
 def _log_model(run: Any, directory: Path, step: int) -> None:
+    """The final checkpoint as a W&B model artifact, ``checkpoints/<step>/`` (what ``--restore-from wandb:...``
+    reads). Only that step: W&B stages a copy of what it logs (offline, until synced), and the kept earlier
+    steps would multiply it by ``training.max_to_keep``."""
     import wandb
 
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step})
-    artifact.add_dir(str(directory), name="checkpoints")
+    artifact.add_dir(str(directory / str(step)), name=f"checkpoints/{step}")
     run.log_artifact(artifact)
 
 

@@ -158,3 +158,24 @@ def test_the_eta_follows_the_wall_clock_since_the_first_row(tmp_path):
     # 100 steps of 10 s training + a 10 s checkpoint: 0.2 s a step, whatever the row's own training rate says.
     assert writer.eta_s(now=80.0, step=200, row_wall_s=20.0, row_steps=100) == pytest.approx(800 * 0.2)
     assert writer.eta_s(now=90.0, step=300, row_wall_s=10.0, row_steps=100) == pytest.approx(700 * 0.15)
+
+
+def test_the_model_artifact_holds_the_final_checkpoint_only(tmp_path):
+    """W&B stages a copy of an artifact (offline: until synced; it stayed in ~/.local/share/wandb); the whole
+    checkpoints folder made it max_to_keep checkpoints large."""
+    from ddpm_eqx.train import _log_model
+
+    for step in (2, 4, 6):
+        (tmp_path / "checkpoints" / str(step) / "state").mkdir(parents=True)
+        (tmp_path / "checkpoints" / str(step) / "state" / "data").write_bytes(b"x" * step)
+
+    class Run:
+        id = "abc"
+        logged: list = []
+
+        def log_artifact(self, artifact) -> None:  # noqa: ANN001
+            self.logged.append(artifact)
+
+    _log_model(Run(), tmp_path / "checkpoints", 6)
+    [artifact] = Run.logged
+    assert sorted(artifact.manifest.entries) == ["checkpoints/6/state/data"] and artifact.metadata == {"step": 6}

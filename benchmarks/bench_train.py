@@ -74,7 +74,9 @@ def published_peak_tflops(device_kind: str) -> float | None:
 
 def checkpoint_figures(state: object, saves: int, *, jax_arrays: bool = False) -> dict[str, float | int]:
     """What a run pays per checkpoint of ``state``: the time ``Checkpointer.save`` blocks the training loop
-    (first save, then the median of the others) and until the checkpoint is committed (median).
+    (first save, then the median of the others) and until the checkpoint is committed (median), and how much
+    resident memory each save after the first leaves behind (Orbax's save path keeps some: README,
+    Reliability; a steady figure needs 20 saves or more).
 
     ``jax_arrays``: save the ``jax.Array`` objects themselves, through Orbax's stock handler (replica-parallel
     writes: what a multi-process run does), instead of a single process's NumPy arrays."""
@@ -87,7 +89,9 @@ def checkpoint_figures(state: object, saves: int, *, jax_arrays: bool = False) -
 
     if jax_arrays:
         checkpoint._as_saved = lambda arrays: arrays
-    blocking, committed = [], []
+    import psutil
+
+    blocking, committed, rss = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as directory:
         ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
         for i in range(saves):
@@ -96,10 +100,12 @@ def checkpoint_figures(state: object, saves: int, *, jax_arrays: bool = False) -
             blocking.append(time.perf_counter() - t)
             ckpt.wait()
             committed.append(time.perf_counter() - t)
+            rss.append(psutil.Process().memory_info().rss)
         ckpt.close()
     return {"checkpoint_first_save_s": blocking[0], "checkpoint_save_s": statistics.median(blocking[1:] or blocking),
             "checkpoint_committed_s": statistics.median(committed[1:] or committed),
-            "checkpoint_arrays": len(jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array)))}
+            "checkpoint_arrays": len(jax.tree_util.tree_leaves(eqx.filter(state, eqx.is_array))),
+            "checkpoint_rss_kib_per_save": (rss[-1] - rss[0]) / 1024 / max(saves - 1, 1)}
 
 
 def loader_figures(cfg: Config, batches: int) -> dict[str, float | int | str | bool]:

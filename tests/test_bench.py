@@ -54,6 +54,7 @@ def test_bench_train_json_figures_agree_with_each_other(fashion_mnist_data_dir):
     leaves = jax.tree_util.tree_leaves(skeleton)
     assert d["checkpoint_arrays"] == sum(isinstance(x, jax.ShapeDtypeStruct) for x in leaves) > 100
     assert 0 < d["checkpoint_save_s"] < d["checkpoint_committed_s"] and d["checkpoint_first_save_s"] > 0
+    assert math.isfinite(d["checkpoint_rss_kib_per_save"])  # what a save leaves resident (README, Reliability)
 
 
 def _bench_module():  # noqa: ANN202

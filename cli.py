@@ -109,7 +109,8 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
                    workdir: Optional[Path] = None):
     """The run's config: ``--config`` (a .py, or a run's config.json), else ``configs/<dataset>.py``, else
     ``Config()`` for ``--dataset`` (whose image size and channels :func:`ddpm_eqx.train.fit_to_data` then takes
-    from the data), else the config.json of the run in ``workdir`` (continuing it); ``overrides`` on top. A
+    from the data), else the config of the run in ``workdir`` (continuing it: the one its newest checkpoint was
+    trained with, else its config.json); ``overrides`` on top. A
     dataset given as a path is stored absolute (a relative one named another folder from elsewhere)."""
     import dataclasses
 
@@ -123,7 +124,12 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
         cfg = C.Config()
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
     elif workdir is not None and (trained := _trained_config(workdir.expanduser())) is not None:
-        cfg = C.from_dict(trained)  # as its newest checkpoint was trained
+        try:
+            cfg = C.from_dict(trained)  # as its newest checkpoint was trained
+        except (C.ConfigError, ValueError, TypeError, KeyError) as e:
+            raise C.ConfigError(f"the config stored in {workdir}'s newest checkpoint does not load in this version "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --config or "
+                                "--dataset with --set") from None
     elif workdir is not None and (workdir.expanduser() / "config.json").is_file():
         cfg = C.load_config_file(workdir.expanduser() / "config.json")
     else:
@@ -184,6 +190,14 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def _differences_from_text(text: str, new: dict) -> list[str]:
+    """:func:`_config_differences` of a config.json's text (none where it is not JSON: it is rewritten anyway)."""
+    try:
+        return _config_differences(json.loads(text), new)
+    except (ValueError, AttributeError, TypeError):
+        return []
+
+
 def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
     """Whether a run of config ``old`` (a config as JSON reads it) has the train state's shapes ``cfg`` has: a
     checkpoint of one restores into the other (no model built: shapes only)."""
@@ -199,7 +213,8 @@ def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
 
     def arrays(state: object) -> list[tuple[str, tuple[int, ...], object]]:  # as Orbax stores them: by path
         return [(jax.tree_util.keystr(path), x.shape, x.dtype)
-                for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+                for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+                if isinstance(x, jax.ShapeDtypeStruct)]  # not a module's plain fields (Dropout's p, a float)
 
     return arrays(before) == arrays(state_skeleton(cfg))
 
@@ -254,10 +269,12 @@ def _trained_config(workdir: Path, steps: set[str] | None = None) -> Optional[di
 
 
 def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # noqa: ANN001
-    """Check ``workdir`` and write ``cfg`` as its config.json. A config.json beside checkpoints is a run: another
-    config continues it only with ``force`` (the old file kept as config.N.json); without checkpoints it is an
-    attempt that never saved, replaced. Returns the undo for a run that fails before it saves a checkpoint
-    (a failed restore, a bad split): config.json as it was, so the run's own command still resumes it."""
+    """Check ``workdir`` and write ``cfg`` as its config.json. Checkpoints make it a run, whose config is the one
+    its newest checkpoint was trained with (else config.json's): another config continues it only with ``force``
+    and only where the train state keeps its shapes (the old file kept as config.N.json; likewise a config.json
+    that said otherwise than the checkpoints, with a note); without checkpoints config.json is an attempt that
+    never saved, replaced. Fewer steps than the run has done is refused. Returns the undo for a run that fails
+    before it saves a checkpoint (a failed restore, a bad split): config.json as it was."""
     from ddpm_eqx._io import write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
@@ -299,9 +316,14 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
         if diffs and not force:
             fail(f"{workdir} holds a run with a different config ({listed}); use another --workdir, --force to "
                  f"continue it with the new config, or `ddpm-eqx train --workdir {workdir}` to continue it as it was", 2)
-        if diffs and text is not None:
+        edited = None if diffs or text is None else _differences_from_text(text, to_dict(cfg))
+        if (diffs or edited) and text is not None:
             backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
             write_text_atomic(backup, text)
+        if edited:  # config.json said otherwise than the checkpoints (edited by hand, or a start that never saved)
+            typer.echo(f"note: {path} differed from the config the newest checkpoint was trained with "
+                       f"({'; '.join(edited[:5])}), which this run continues; kept as {backup}. To train with other "
+                       "settings pass them with --set (another run's config: --force)", err=True)
     if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
         write_text_atomic(path, new)
 
@@ -318,10 +340,12 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
 def train(
     dataset: Annotated[Optional[str], typer.Option(
         help="TFDS name (picks configs/NAME.py if there is one), a folder of images or an .npz")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A config file with get_config()")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="A config file with get_config(), or a run's config.json")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. optim.lr=2e-4 (repeatable)")] = None,
     workdir: Annotated[Optional[Path], typer.Option(
-        help="Run folder (default runs/<dataset>); alone, continues the run there with its config.json")] = None,
+        help="Run folder (default runs/<dataset>); alone, continues the run there with the config its newest "
+             "checkpoint was trained with (--set on top)")] = None,
     restore_from: Annotated[Optional[str], typer.Option(
         help="Continue another run (folder, or wandb:ENTITY/PROJECT/NAME:V) in a new --workdir")] = None,
     force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
@@ -534,8 +558,8 @@ def eval_(
         run = resolve_step(ckpt, step)[0]  # what would fail after the sampling (or the data's preparation), first
         stored = from_json((run / "config.json").read_text())
         check_request(request, stored)
-        check_metrics_available(stored, metric, fid_weights)  # type: ignore[arg-type]
-        if (warning := small_sample_warning(num, metric)) is not None:  # type: ignore[arg-type]
+        scored = check_metrics_available(stored, metric, fid_weights)  # type: ignore[arg-type]
+        if (warning := small_sample_warning(num, scored)) is not None:
             typer.echo(f"warning: {warning}", err=True)
         cfg, images, used_step = draw_images(request)
         results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]

@@ -135,6 +135,8 @@ def _listing(root: Path) -> list[Path]:
     found, seen = [], set()
 
     def unreadable(err: OSError) -> None:  # os.walk skips a folder it cannot list: a class would vanish
+        if Path(str(err.filename)).name == "lost+found":  # a file system's own, at the root of a mounted disk
+            return
         raise DataError(f"cannot read {err.filename} ({err.strerror}), a folder of {root}: make it readable "
                         "(chmod) or move it out")
 
@@ -238,12 +240,14 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
     class_of = {name: i for i, name in enumerate(classes)}
     # A header pass picks one mode for the whole dataset (grey only when every image is grey) and finds
     # files that are not images at all; truncated files show up later, when decoded.
-    readable, skipped, modes = [], [], set()
+    readable: list[Path] = []
+    skipped: list[str] = []
     size_of: dict[Path, tuple[int, int]] = {}
+    mode_of: dict[Path, str] = {}
     for p in images:
         try:
             with PILImage.open(p) as im:
-                modes.add(im.mode)
+                mode_of[p] = im.mode
                 w, h = im.size
                 turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # stored upright below: a quarter turn
                 size_of[p] = (w, h) if turned else (h, w)
@@ -252,16 +256,20 @@ def _folder_builder(root: Path, images: list[Path], out: Path) -> _ImportedDatas
             skipped.append(str(p))
     sizes = Counter(size_of.values())
     if len(sizes) > 1:
-        # Before calling the sizes various, decode the images of the rarer sizes in full: a truncated file
-        # (skipped later, when decoded) must not make a folder of one size "various".
+        # Before calling the sizes various, decode the rarer sizes' images until one decodes: truncated files
+        # (skipped later, when decoded) must not make a folder of one size "various" (nor decide its mode).
         common = sizes.most_common(1)[0][0]
-        broken = {p for p in readable if size_of[p] != common and not _decodes(p)}
+        broken = set()
+        for p in (p for p in readable if size_of[p] != common):
+            if _decodes(p):
+                break
+            broken.add(p)
         skipped.extend(str(p) for p in readable if p in broken)
         readable = [p for p in readable if p not in broken]
         sizes = Counter(size_of[p] for p in readable)
     if not readable:
         raise DataError(f"none of the {len(images)} image files in {root} could be read")
-    mode = "L" if modes <= _GREY_MODES else "RGB"
+    mode = "L" if {mode_of[p] for p in readable} <= _GREY_MODES else "RGB"
 
     def generate() -> Iterator[tuple[int, dict[str, Any]]]:
         for i, p in enumerate(readable):

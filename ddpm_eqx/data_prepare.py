@@ -39,6 +39,11 @@ class DatasetInfo:
     image_shape: tuple[int | None, ...]
     num_classes: int | None
 
+    @property
+    def labelled(self) -> bool:
+        """Class labels of two classes or more (a class-conditional model and the classifier metric need them)."""
+        return self.label_key is not None and self.num_classes is not None and self.num_classes >= 2
+
 
 def data_dir_of(cfg: DataConfig) -> Path:
     return Path(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
@@ -84,13 +89,17 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
+def _archive_name(url: str, info: Any) -> str:
+    return info.filename or url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _missing_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path, download_dir: Path) -> dict[str, str]:
     """URL -> file name of the builder's registered archives that are neither in manual_dir nor downloaded."""
     from tensorflow_datasets.core.download import resource  # where TFDS names its downloads
 
     missing = {}
     for url, info in (builder.url_infos or {}).items():
-        name = info.filename or url.rstrip("/").rsplit("/", 1)[-1]
+        name = _archive_name(url, info)
         if not (manual_dir / name).exists() and not (download_dir / resource.get_dl_fname(url, info.checksum)).exists():
             missing[url] = name
     return missing
@@ -101,8 +110,8 @@ def _foreign_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path) -> li
     dataset's file of that name (MNIST and Fashion-MNIST share theirs), which TFDS would fail on by checksum."""
     lines = []
     for url, info in (builder.url_infos or {}).items():
-        name = info.filename or url.rstrip("/").rsplit("/", 1)[-1]
-        if (manual_dir / name).is_file() and info.size and (size := (manual_dir / name).stat().st_size) != int(info.size):
+        name = info.filename  # TFDS looks in the manual dir only for archives registered with a file name
+        if name and (manual_dir / name).is_file() and info.size and (size := (manual_dir / name).stat().st_size) != int(info.size):
             lines.append(f"{name} ({size:,} bytes, {builder.name}'s has {int(info.size):,})")
     return lines
 

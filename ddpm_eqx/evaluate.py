@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import zipfile
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -43,7 +45,7 @@ def cache_dir(cfg: Config) -> Path:
 def check_labelled(cfg: Config) -> None:
     """The classifier metric learns the dataset's classes: without labels (or with one class) it cannot."""
     info = prepare_dataset(cfg.data)
-    if info.label_key is None or (info.num_classes is not None and info.num_classes < 2):
+    if not info.labelled:
         raise DataError(f"{cfg.data.dataset} has no class labels, which the classifier metric (fd_classifier, "
                         "training.eval_every) learns from; use the Inception metric (eval --metric inception)")
 
@@ -61,6 +63,11 @@ def reference_images(
         return to_model_images(train[subset_ids(train.shape[0], REFERENCE_EXAMPLES)])
     images, _ = load_split_array(cfg.data, "train", max_examples=REFERENCE_EXAMPLES)
     return to_model_images(images)
+
+
+def kid_subset_size(num: int, reference: int) -> int:
+    """KID's subset size: 1000 (Binkowski et al.'s), or fewer where the samples or the reference are fewer."""
+    return min(1000, num, reference)
 
 
 class ClassifierMetric:
@@ -91,7 +98,7 @@ class ClassifierMetric:
         )
 
     def __call__(self, images: Float[np.ndarray, "n c h w"], *, seed: int = 0) -> dict[str, float]:
-        subset = min(1000, images.shape[0], self.reference.features.shape[0])
+        subset = kid_subset_size(images.shape[0], self.reference.features.shape[0])
         return classifier_metrics(self.classifier, images, self.reference, seed=seed, subset_size=subset)
 
 
@@ -113,17 +120,23 @@ def as_scored(images: Float[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n c h 
     return to_model_images(to_uint8(images))
 
 
-def check_metrics_available(cfg: Config, metric: Metric, fid_weights: str | None) -> None:
+def check_metrics_available(cfg: Config, metric: Metric, fid_weights: str | None) -> list[str]:
     """What would otherwise fail only after the samples are drawn (hours at eval's defaults): no labels for
     ``metric="classifier"``; no usable Inception weights for ``"inception"``, or for ``"all"`` when a file is
     named (``fid_weights`` or $DDPM_EQX_FID_WEIGHTS; ``"all"`` without one reports ``fid_unavailable``). The
-    weights are read here (``UnreadableWeights``: a file that is not pytorch-fid's), and kept for the scoring."""
+    weights are read here (``UnreadableWeights``: a file that is not pytorch-fid's), and kept for the scoring.
+    Returns the Fréchet distances that will be scored (``"fd_classifier"``, ``"fid"``)."""
     from ddpm_eqx.inception import WEIGHTS_ENV_VAR
 
+    scored = []
     if metric == "classifier":
         check_labelled(cfg)
+    if metric == "classifier" or (metric == "all" and prepare_dataset(cfg.data).labelled):
+        scored.append("fd_classifier")
     if metric == "inception" or (metric == "all" and (fid_weights or os.environ.get(WEIGHTS_ENV_VAR))):
         _load_weights(fid_weights)
+        scored.append("fid")
+    return scored
 
 
 class UnreadableWeights(ValueError):
@@ -150,10 +163,13 @@ def _load_weights(fid_weights: str | None) -> tuple[Any, Path]:
     if key not in _loaded:
         try:
             model = load_inception(path)
-        except (OSError, ValueError, KeyError, EOFError, ImportError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, EOFError, ImportError, RuntimeError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:  # RuntimeError, UnpicklingError: torch.load of a torn or foreign .pth
             reason = f"{type(e).__name__}: {first_line(e, 160)}"
+            beside = (f"; a .npz converted beside a .pth is read instead of it: delete {path.with_suffix('.npz')} if "
+                      "the .pth was replaced") if path.suffix == ".pth" and path.with_suffix(".npz").is_file() else ""
             raise UnreadableWeights(f"the FID weights {path} cannot be read as pytorch-fid's Inception-v3 ({reason}); "
-                                    f"pass {WEIGHTS_FILENAME} or its .npz with {WEIGHTS_FLAG}") from e
+                                    f"pass {WEIGHTS_FILENAME} or its .npz with {WEIGHTS_FLAG}{beside}") from e
         _loaded.clear()
         _loaded[key] = model
     return _loaded[key], path
@@ -188,7 +204,7 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
         ref_mu, ref_sigma, ref_features = cached
     features = inception_features(model, images)
     mu, sigma = feature_statistics(features)
-    subset = min(1000, features.shape[0], ref_features.shape[0])
+    subset = kid_subset_size(features.shape[0], ref_features.shape[0])
     kid, kid_std = kernel_inception_distance(features, ref_features, subset_size=subset, seed=seed)
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "kid": kid, "kid_std": kid_std,
             "reference_images": ref_features.shape[0]}
@@ -206,11 +222,12 @@ def feature_dims(metric: Metric) -> dict[str, int]:
 _METRIC_OF = {"fd_classifier": "classifier", "fid": "inception"}
 
 
-def small_sample_warning(num: int, metric: Metric) -> str | None:
-    """A line where ``num`` samples are under twice the feature dimension of ``metric``'s Fréchet distances:
-    their covariance is then poorly estimated (singular below the dimension) and the distance biased upwards,
-    the more the fewer the samples, so that scores compare only at one ``num``."""
-    few = {name: dim for name, dim in feature_dims(metric).items() if num < 2 * dim}
+def small_sample_warning(num: int, distances: Collection[str]) -> str | None:
+    """A line where ``num`` samples are under twice the feature dimension of a Fréchet distance in ``distances``
+    (what :func:`check_metrics_available` returns): their covariance is then poorly estimated (singular below the
+    dimension) and the distance biased upwards, the more the fewer the samples, so that scores compare only at
+    one ``num``."""
+    few = {name: dim for name, dim in feature_dims("all").items() if name in distances and num < 2 * dim}
     if not few:
         return None
     named = " and ".join(f"{name} ({dim} features)" for name, dim in few.items())
@@ -246,6 +263,7 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
                 raise
             results["fid_unavailable"] = str(e)
     if "reference_images" in results:  # what the scores were measured against
-        results.update(reference_split="train", kid_subset_size=min(1000, images.shape[0], results["reference_images"]),
+        results.update(reference_split="train",
+                       kid_subset_size=kid_subset_size(images.shape[0], results["reference_images"]),
                        feature_dims={name: dim for name, dim in feature_dims(metric).items() if name in results})
     return results

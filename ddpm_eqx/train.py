@@ -419,10 +419,10 @@ def validate_setup(cfg: Config) -> None:
         from ddpm_eqx.evaluate import check_labelled
 
         check_labelled(cfg)  # at the first evaluation would be hours in
-    if cfg.model.num_classes is not None and (info.num_classes or 1) < 2:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has no class labels (a "
-                          "folder of images has them from class subfolders); drop model.num_classes to train "
-                          "unconditionally")
+    if cfg.model.num_classes is not None and not info.labelled:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has no class labels of "
+                          "two classes or more (a folder of images has them from class subfolders); drop "
+                          "model.num_classes to train unconditionally")
     if cfg.model.num_classes is not None and info.num_classes is not None and cfg.model.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                           f"{info.num_classes} classes; set model.num_classes={info.num_classes}")

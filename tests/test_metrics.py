@@ -307,12 +307,20 @@ def test_unreadable_fid_weights_are_refused_before_sampling_and_reported_by_metr
     check_metrics_available(cfg, "all", None)  # none named: "all" reports fid_unavailable after sampling
 
 
-def test_too_few_samples_for_a_frechet_distance_are_named() -> None:
-    from ddpm_eqx.evaluate import small_sample_warning
+def test_too_few_samples_for_a_frechet_distance_are_named(tmp_path) -> None:
+    """Only the distances that will be scored: --metric all without FID weights, or on unlabelled data, warned
+    of distances it does not compute."""
+    from ddpm_eqx.evaluate import check_metrics_available, small_sample_warning
 
-    both = small_sample_warning(64, "all")
+    both = small_sample_warning(64, ["fd_classifier", "fid"])
     assert both is not None and "fd_classifier (128 features) and fid (2048 features)" in both
-    assert small_sample_warning(255, "classifier") is not None and small_sample_warning(256, "classifier") is None
-    assert "fid (2048 features)" in (small_sample_warning(300, "all") or "") and "fd_classifier" not in (
-        small_sample_warning(300, "all") or "")
-    assert small_sample_warning(300, "inception") is not None and small_sample_warning(4096, "all") is None
+    assert small_sample_warning(255, ["fd_classifier"]) is not None and small_sample_warning(256, ["fd_classifier"]) is None
+    assert "fid (2048 features)" in (small_sample_warning(300, ["fd_classifier", "fid"]) or "") and "fd_classifier" not in (
+        small_sample_warning(300, ["fd_classifier", "fid"]) or "")
+    assert small_sample_warning(300, ["fid"]) is not None and small_sample_warning(4096, ["fd_classifier", "fid"]) is None
+    assert small_sample_warning(64, []) is None
+    labels = np.arange(40) % 2
+    np.savez(tmp_path / "two.npz", image=np.zeros((40, 8, 8), np.uint8), label=labels)
+    np.savez(tmp_path / "faces.npz", image=np.zeros((40, 8, 8), np.uint8))
+    assert check_metrics_available(_npz_config(tmp_path / "two.npz", tmp_path), "all", None) == ["fd_classifier"]
+    assert check_metrics_available(_npz_config(tmp_path / "faces.npz", tmp_path), "all", None) == []

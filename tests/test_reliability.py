@@ -91,6 +91,10 @@ def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fas
     assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
     assert "finished at step 10" in more.stdout and _committed(workdir)[-1] == 10
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.001
+    # The edited config.json is kept, and said so (it was overwritten silently).
+    assert "differed from the config the newest checkpoint was trained with (optim.lr: 0.001 -> 0.0005)" in more.stderr
+    [kept] = workdir.glob("config.*.json")
+    assert json.loads(kept.read_text())["optim"]["lr"] == 0.0005
 
 
 def test_a_config_json_written_before_an_option_existed_is_the_same_run():
@@ -1057,3 +1061,16 @@ def test_a_resume_between_metrics_rows_logs_the_uninterrupted_rows_bitwise(fashi
                 for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
     assert [r[0] for r in rows(whole)] == [4, 6] and rows(resumed) == rows(whole)
+
+
+def test_the_weight_shape_check_compares_arrays_only():
+    """Dropout keeps a float and a bool in the model's tree: the check called .shape on them (a traceback on any
+    changed config of a dropout model)."""
+    import cli
+    from ddpm_eqx.config import Config, apply_overrides, to_dict
+
+    tiny = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.dropout=0.1"]
+    run = apply_overrides(Config(), tiny)
+    assert cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["optim.lr=2e-4", "model.dropout=0.2"]))
+    assert not cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["model.dim=16"]))
+    assert not cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["ddpm.self_condition=true"]))

@@ -92,7 +92,7 @@ def test_workdir_with_another_config_is_refused_unless_forced(reference_run, fas
     assert "finished at step 10" in more.stdout and _committed(workdir)[-1] == 10
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.001
     # The edited config.json is kept, and said so (it was overwritten silently).
-    assert "differed from the config the newest checkpoint was trained with (optim.lr: 0.001 -> 0.0005)" in more.stderr
+    assert "differed from the config the newest checkpoint was trained with (optim.lr: 0.0005 -> 0.001)" in more.stderr
     [kept] = workdir.glob("config.*.json")
     assert json.loads(kept.read_text())["optim"]["lr"] == 0.0005
 

@@ -749,10 +749,11 @@ def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(command, fashion
         args = [command, "--ckpt", str(tmp_path / "run"), "--batch-size", "16"]
         what, fix = "--batch-size 16", "lower --batch-size"
         if command == "eval":  # eval reads the run's config before it samples (what it needs is checked first)
-            from ddpm_eqx.config import Config, to_json
+            from ddpm_eqx.config import Config, apply_overrides, to_json
 
-            (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)
-            (tmp_path / "run" / "config.json").write_text(to_json(Config()))
+            (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)  # its data: prepared (eval checks labels)
+            (tmp_path / "run" / "config.json").write_text(
+                to_json(apply_overrides(Config(), [f"data.data_dir={fashion_mnist_data_dir}"])))
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]

@@ -203,11 +203,11 @@ def _same_weight_shapes(old: dict, cfg) -> bool:  # noqa: ANN001
     checkpoint of one restores into the other (no model built: shapes only)."""
     import jax
 
-    from ddpm_eqx.config import ConfigError, from_json
+    from ddpm_eqx.config import ConfigError, from_dict
     from ddpm_eqx.state import state_skeleton
 
     try:
-        before = state_skeleton(from_json(json.dumps(old)))
+        before = state_skeleton(from_dict(old))
     except (ConfigError, ValueError, TypeError, KeyError):  # a config of another version that no longer loads
         return True  # the restore's own check then names what does not match
 

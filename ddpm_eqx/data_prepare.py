@@ -89,17 +89,13 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
-def _archive_name(url: str, info: Any) -> str:
-    return info.filename or url.rstrip("/").rsplit("/", 1)[-1]
-
-
 def _missing_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path, download_dir: Path) -> dict[str, str]:
     """URL -> file name of the builder's registered archives that are neither in manual_dir nor downloaded."""
     from tensorflow_datasets.core.download import resource  # where TFDS names its downloads
 
     missing = {}
     for url, info in (builder.url_infos or {}).items():
-        name = _archive_name(url, info)
+        name = info.filename or url.rstrip("/").rsplit("/", 1)[-1]
         if not (manual_dir / name).exists() and not (download_dir / resource.get_dl_fname(url, info.checksum)).exists():
             missing[url] = name
     return missing

@@ -210,16 +210,12 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
             "reference_images": ref_features.shape[0]}
 
 
-def feature_dims(metric: Metric) -> dict[str, int]:
-    """The feature dimension of each Fréchet distance ``metric`` computes."""
+def feature_dims() -> dict[str, int]:
+    """The feature dimension of each Fréchet distance."""
     from ddpm_eqx.classifier import ClassifierHyperparams
     from ddpm_eqx.inception import FEATURE_DIM
 
-    dims = {"fd_classifier": ClassifierHyperparams().feature_dim, "fid": FEATURE_DIM}
-    return {name: dim for name, dim in dims.items() if metric in ("all", _METRIC_OF[name])}
-
-
-_METRIC_OF = {"fd_classifier": "classifier", "fid": "inception"}
+    return {"fd_classifier": ClassifierHyperparams().feature_dim, "fid": FEATURE_DIM}
 
 
 def small_sample_warning(num: int, distances: Collection[str]) -> str | None:
@@ -227,7 +223,7 @@ def small_sample_warning(num: int, distances: Collection[str]) -> str | None:
     (what :func:`check_metrics_available` returns): their covariance is then poorly estimated (singular below the
     dimension) and the distance biased upwards, the more the fewer the samples, so that scores compare only at
     one ``num``."""
-    few = {name: dim for name, dim in feature_dims("all").items() if name in distances and num < 2 * dim}
+    few = {name: dim for name, dim in feature_dims().items() if name in distances and num < 2 * dim}
     if not few:
         return None
     named = " and ".join(f"{name} ({dim} features)" for name, dim in few.items())
@@ -265,5 +261,5 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
     if "reference_images" in results:  # what the scores were measured against
         results.update(reference_split="train",
                        kid_subset_size=kid_subset_size(images.shape[0], results["reference_images"]),
-                       feature_dims={name: dim for name, dim in feature_dims(metric).items() if name in results})
+                       feature_dims={name: dim for name, dim in feature_dims().items() if name in results})
     return results

@@ -14,8 +14,38 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+try:  # Typer 0.29 carries its own copy of Click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (an unknown option, a value out of range, a missing --ckpt) as the one line every
+    other error is, exit 2, instead of Typer's usage line, hint and boxed message."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:  # the help is printed already
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if isinstance(e, click_errors.UsageError) and ctx else ""
+            message = " ".join(e.format_message().split()).rstrip(".")
+            typer.echo(f"error: {message}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click_errors.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising diffusion (DDPM/DDIM) in JAX + Equinox.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets.")
 app.add_typer(data_app, name="data")

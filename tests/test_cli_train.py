@@ -213,6 +213,29 @@ def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, a
     assert result.stderr.strip() == f"error: {message}"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["sample", "--ckpt", ".", "--num", "0"],
+     "Invalid value for '--num': Input should be greater than or equal to 1 (see cli.py sample --help)"),
+    (["train", "--bogus"], "No such option: --bogus (see cli.py train --help)"),
+    (["sample"], "Missing option '--ckpt' (see cli.py sample --help)"),
+    (["data", "prepare"], "Missing argument 'dataset' (see cli.py data prepare --help)"),
+    (["trian"], "No such command 'trian'. Did you mean 'train'? (see cli.py --help)"),
+])
+def test_typer_usage_errors_are_one_line_too(tmp_path, args, message):
+    """Typer printed these as a usage line, a hint and a four-line box; now as every other error."""
+    result = subprocess.run(_cmd(*args), env=_env_without_jax(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: {message}"
+
+
+def test_no_arguments_still_print_the_help(tmp_path):
+    env = _env_without_jax(tmp_path)
+    for args in ([], ["data"]):
+        result = subprocess.run(_cmd(*args), env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Usage: cli.py" in result.stdout + result.stderr
+        assert "Commands" in result.stdout + result.stderr and "error:" not in result.stderr
+
+
 def test_seeds_past_32_bits_and_processes_without_a_coordinator_are_refused_before_jax_loads(tmp_path):
     """A JAX key holds 32 bits: --seed 2**32 drew seed 0's images (and 2**63 was a traceback). Without a
     coordinator, --num-processes/--process-id were ignored and the process trained alone."""

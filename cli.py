@@ -16,21 +16,18 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-try:  # Typer 0.29 carries its own copy of Click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors  # type: ignore[no-redef]
+from typer._click import exceptions as click_errors  # Typer >= 0.29 carries its own Click
 
 
 class OneLineUsageErrors(TyperGroup):
     """Click's own usage errors (an unknown option, a value out of range, a missing --ckpt) as the one line every
     other error is, exit 2, instead of Typer's usage line, hint and boxed message."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN003, ANN201
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as e:  # the help is printed already
             sys.exit(e.exit_code)
         except click_errors.ClickException as e:
@@ -39,7 +36,7 @@ class OneLineUsageErrors(TyperGroup):
             message = " ".join(e.format_message().split()).rstrip(".")
             typer.echo(f"error: {message}{where}", err=True)
             sys.exit(e.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)

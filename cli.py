@@ -375,6 +375,9 @@ def train(
              "checkpoint was trained with (--set on top)")] = None,
     restore_from: Annotated[Optional[str], typer.Option(
         help="Continue another run (folder, or wandb:ENTITY/PROJECT/NAME:V) in a new --workdir")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        help="Fine-tune: start a new run in --workdir from another run's EMA weights (folder, one checkpoints/STEP, "
+             "or wandb:...) at step 0 with a fresh optimizer; the model must have the same shapes")] = None,
     force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
     host_devices: Annotated[Optional[int], typer.Option(
         help="XLA devices to split a CPU into (default: the cores, or the most of them that divide the batch)")] = None,
@@ -386,6 +389,8 @@ def train(
     """Train a model; resumes automatically from the newest checkpoint in --workdir."""
     from ddpm_eqx.config import ConfigError
 
+    if restore_from is not None and init_from is not None:
+        fail("--restore-from continues another run, --init-from starts a new one from its weights: give one of them", 2)
     try:  # before JAX and the data libraries load (~4 s): a mistyped --set is an instant error
         cfg = resolve_config(dataset, config, set_ or [], workdir)
     except ConfigError as e:
@@ -416,14 +421,14 @@ def train(
     import jax
 
     try:
-        undo = _prepare_run_folder(workdir, cfg, force, restore_from)
+        undo = _prepare_run_folder(workdir, cfg, force, restore_from or init_from)
     except OSError as e:  # one process: a full disk or a lock file that cannot be opened
         fail(f"cannot prepare {workdir} ({e.strerror or e}); free space there or pass another --workdir", 1)
     warn_if_undersized_machine(cfg)
     if not os.environ.get("DDPM_EQX_DEBUG"):  # a failed save is our one line, not Orbax's dozens of tracebacks
         quiet_failed_async_saves()
     try:
-        result = run_train(cfg, workdir, restore_from=restore_from, progress=progress,
+        result = run_train(cfg, workdir, restore_from=restore_from, init_from=init_from, progress=progress,
                            trace_cache=trace_cache.default_directory())
     except BaseException as e:
         undo()
@@ -448,11 +453,12 @@ def train(
     typer.echo(f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}; run in {workdir}")
 
 
-def _prepare_run_folder(workdir: Path, cfg, force: bool, restore_from: Optional[str]) -> Callable[[], None]:  # noqa: ANN001
+def _prepare_run_folder(workdir: Path, cfg, force: bool, source: Optional[str]) -> Callable[[], None]:  # noqa: ANN001
     """``_prepare_workdir`` on process 0 (others would race it on config.json), and for a multi-process run the
-    checks that the processes share one run: the same config, workdir and --restore-from (a mismatch trained
-    replicas that silently differed, hung at the first save, or aborted in a collective), process 0's outcome (its
-    refusal stopped only itself; the others hung), and a workdir they all see (checkpoints are written by all)."""
+    checks that the processes share one run: the same config, workdir and ``source`` (``--restore-from`` or
+    ``--init-from``; a mismatch trained replicas that silently differed, hung at the first save, or aborted in a
+    collective), process 0's outcome (its refusal stopped only itself; the others hung), and a workdir they all see
+    (checkpoints are written by all)."""
     import jax
 
     if jax.process_count() == 1:
@@ -462,7 +468,7 @@ def _prepare_run_folder(workdir: Path, cfg, force: bool, restore_from: Optional[
     from ddpm_eqx.config import to_json
     from ddpm_eqx.parallel import processes_differing
 
-    flags = {"config": to_json(cfg), "--workdir": str(workdir.resolve()), "--restore-from": str(restore_from)}
+    flags = {"config": to_json(cfg), "--workdir": str(workdir.resolve()), "--restore-from/--init-from": str(source)}
     differ = {name: ps for name, ps in processes_differing(**flags).items() if ps}
     if differ:
         others = sorted({p for ps in differ.values() for p in ps})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts
-from ddpm_eqx.config import Config, ConfigError, program_json, to_dict
+from ddpm_eqx.config import Config, ConfigError, from_dict, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
@@ -71,8 +72,13 @@ def _is_finite(x: Any) -> bool:
 
 
 def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None = None,
-          progress: bool | None = None, trace_cache: Path | None = None) -> TrainResult:
+          init_from: str | Path | None = None, progress: bool | None = None,
+          trace_cache: Path | None = None) -> TrainResult:
     """Train ``cfg`` in ``workdir`` (checkpoints, metrics.jsonl, samples/), resuming if possible.
+
+    A workdir without checkpoints starts from ``restore_from`` (another run's checkpoint, continued: weights, EMA,
+    optimizer, step, data position) or ``init_from`` (fine-tuning: another run's EMA weights as the starting
+    weights, at step 0 with a fresh optimizer and data from the start), else from fresh weights.
 
     ``trace_cache``: a folder where the traced train step and sampler are kept for the next process (the CLI passes
     :func:`ddpm_eqx.trace_cache.default_directory`). Off by default: its key covers this package's source
@@ -89,8 +95,16 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     environment = describe()  # stored with every checkpoint, compared on resume
     # Weights are built only when there is no checkpoint to restore into their skeleton.
     skeleton = state_skeleton(cfg)
-    restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton))
-    state = init_state(build_model(cfg), optimizer) if restored is None else restored[0]
+    if restore_from is not None and init_from is not None:
+        raise ConfigError("--restore-from continues another run, --init-from starts a new one from its weights: "
+                          "give one of them")
+    restored = _restore(ckpt, skeleton, iterator, restore_from or init_from, environment,
+                        earlier_layouts(cfg, skeleton), flag="--init-from" if init_from else "--restore-from")
+    if restored is None:
+        model = build_model(cfg) if init_from is None else initial_weights(cfg, skeleton.model, init_from, workdir)
+        state = init_state(model, optimizer)
+    else:
+        state = restored[0]
     start = int(state.step)
     check_steps_left(cfg, start, restored is not None and not ckpt.all_steps(), restore_from)
     state = replicate(state, mesh)
@@ -215,18 +229,22 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
 
 
 def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
-             environment: dict[str, Any], layouts: Layouts = ()) -> tuple[TrainState, list[dict[str, Any]]] | None:
-    """The newest checkpoint of this run, else of ``restore_from``, and the metrics of its steps since its last
-    metrics row; None when there is none.
+             environment: dict[str, Any], layouts: Layouts = (), *,
+             flag: str = "--restore-from") -> tuple[TrainState, list[dict[str, Any]]] | None:
+    """The newest checkpoint of this run, else of ``restore_from`` (when ``flag`` is ``--restore-from``), and the
+    metrics of its steps since its last metrics row; None when there is none.
 
     Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
     (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared.
+    ``flag``: the option ``restore_from`` came from, named where the run's own checkpoints win over it.
     """
     found = ckpt.restore_latest(skeleton, layouts=layouts)
     source = ckpt.directory
     if found is not None and restore_from is not None:
-        log.warning("resuming this run's own step %d from %s; --restore-from %s applies to a workdir without "
-                    "checkpoints", found[0], ckpt.directory, restore_from)
+        log.warning("resuming this run's own step %d from %s; %s %s applies to a workdir without "
+                    "checkpoints", found[0], ckpt.directory, flag, restore_from)
+    if found is None and flag == "--init-from":
+        return None
     if found is None and restore_from is not None:
         source, step = _resolve_restore_from(restore_from)
         try:
@@ -273,6 +291,52 @@ def _resolve_restore_from(restore_from: str | Path) -> tuple[Path, int | None]:
     if path.name.isdigit() and (path / "state").is_dir():  # <run>/checkpoints/<step>
         return path.parent, int(path.name)
     return (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
+
+
+def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, workdir: Path | None = None) -> Any:
+    """The model of ``cfg`` (``skeleton``: its shapes) with the EMA weights of another run's checkpoint (a run
+    folder, its ``checkpoints/`` or one ``checkpoints/<step>``, or ``wandb:ENTITY/PROJECT/NAME:V``): where a
+    fine-tuning run starts. The source is read with the config it was trained with (another optimizer, schedule or
+    dataset is fine); its weights must have this model's shapes. ``workdir``: where ``init_from.json`` records
+    the source and step."""
+    source, step = _resolve_restore_from(init_from)
+    reader = Checkpointer(source, read_only=True)
+    try:
+        steps = reader.all_steps() if step is None else reader.require(step)
+        if not steps:
+            raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
+        try:
+            trained = from_dict(reader.restore_meta(steps[-1])["config"])
+        except Exception:  # noqa: BLE001  (no or an unreadable meta: read it with this run's shapes)
+            trained = cfg
+        theirs = state_skeleton(trained)
+        found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained, theirs))
+    finally:
+        reader.close()
+    if found is None:
+        raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
+    at, state = found[0], found[1]
+    arrays, static = eqx.partition(skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x))
+    wanted = [(tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(arrays)]
+    weights = jax.tree_util.tree_leaves(eqx.filter(state.ema_model, eqx.is_array))
+    if [(tuple(x.shape), str(x.dtype)) for x in weights] != wanted:
+        ours, stored = to_dict(cfg), to_dict(trained)
+        keys = [f"{section}.{key}={stored[section][key]!r} there, {ours[section][key]!r} here"
+                for section, key in _SHAPE_KEYS if stored[section][key] != ours[section][key]]
+        raise CheckpointError(f"--init-from {init_from}: step {at}'s weights have other shapes than this config's "
+                              f"model ({'; '.join(keys) or 'another layout'}); --set the model to match it")
+    log.info("initialised from the EMA weights of %s at step %d (a new run: step 0, fresh optimizer)", source, at)
+    if workdir is not None and jax.process_index() == 0:
+        write_text_atomic(Path(workdir) / "init_from.json", json.dumps({"init_from": str(init_from),
+                                                                         "checkpoints": str(source), "step": at}))
+    return eqx.combine(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays), weights), static)
+
+
+# The config keys that decide the model's weight shapes, named where a fine-tuning source does not fit.
+_SHAPE_KEYS = (*(("model", k) for k in ("dim", "init_dim", "out_dim", "dim_mults", "resnet_block_groups", "attn_heads",
+                                          "attn_dim_head", "downsample", "random_fourier_features",
+                                          "learned_sinusoidal_cond", "learned_sinusoidal_dim", "num_classes")),
+               ("data", "channels"), ("ddpm", "self_condition"))
 
 
 def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> None:

@@ -1,4 +1,4 @@
-"""ddpm-eqx command line: train, sample, data. Thin: parse, resolve the config, call one function.
+"""ddpm-eqx command line: train, sample, eval, data, cache. Thin: parse, resolve the config, call one function.
 
 Every expected failure (bad flag value, missing data or checkpoint, NaN loss) ends in one line on
 stderr naming the problem and the fix, and exit code 2 (usage/config) or 1 (runtime).
@@ -120,8 +120,7 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # Persistent XLA cache: a resumed or repeated run skips the ~20 s compiles of its train step and
         # sampler. JAX_COMPILATION_CACHE_DIR (JAX's own variable) points it elsewhere.
-        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        jax.config.update("jax_compilation_cache_dir", str(cache_home / "ddpm_eqx" / "xla"))
+        jax.config.update("jax_compilation_cache_dir", str(xla_cache_dir()))
     if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
         # JAX's default (1 s) leaves out the start-up's small compiles (0.1-0.7 s each: random draws, splits).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
@@ -130,6 +129,14 @@ def _init_runtime(host_devices: Optional[int], coordinator: Optional[str], num_p
         # DEFAULT_CPU_COLLECTIVES_IMPL). Not set by name: a jax that dropped the option would fail every start.
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
+
+
+def xla_cache_dir() -> Path:
+    """The persistent XLA cache of the CLI's processes: ``$JAX_COMPILATION_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ddpm_eqx/xla`` (``~/.cache/ddpm_eqx/xla``); the stored traces are in its ``ddpm_eqx_traces``."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm_eqx" / "xla"
 
 
 def resolve_config(dataset: Optional[str], config_file: Optional[Path], overrides: list[str],  # noqa: ANN201
@@ -610,6 +617,31 @@ def eval_(
             out.write_text(json.dumps(results, indent=2))
         except OSError as e:
             fail(f"cannot write --out {out} ({e.strerror}); the results are printed above", 1)
+
+
+@app.command()
+def cache(
+    clear: Annotated[bool, typer.Option(help="Delete the compiled programs and the stored traces")] = False,
+) -> None:
+    """Where the compiled programs (XLA's persistent cache) and the stored traces are kept, and their size.
+
+    Nothing prunes them; either may be deleted at any time (the next run compiles or traces again). --clear
+    deletes only their own files: JAX's ``*-cache``/``*-atime`` entries and ddpm-eqx's ``*.jaxexport`` traces,
+    with the temporary files of writes that were killed, never anything else a shared folder holds.
+    """
+    folder = xla_cache_dir()
+    # (folder, its entries, the files that go with them: JAX's access times, a killed write's temporary file)
+    kinds = {"compiled programs": (folder, "*-cache", "*-atime"),
+             "stored traces": (folder / "ddpm_eqx_traces", "*.jaxexport", ".*.jaxexport.*")}
+    for what, (where, entries, extras) in kinds.items():
+        main, extra = ([p for p in where.glob(pattern) if p.is_file()] for pattern in (entries, extras))
+        size = sum(p.stat().st_size for p in main + extra) / 2**20
+        torn = sum(p.name.startswith(".") for p in extra)
+        note = f"; {torn} temporary files of interrupted writes" if torn else ""
+        if clear:
+            for p in main + extra:
+                p.unlink(missing_ok=True)
+        typer.echo(f"{what}: {'deleted ' if clear else ''}{len(main)} ({size:.1f} MiB) in {where}{note}")
 
 
 @data_app.command("prepare")

@@ -228,6 +228,33 @@ def test_typer_usage_errors_are_one_line_too(tmp_path, args, message):
     assert result.stderr.strip() == f"error: {message}"
 
 
+def test_cache_shows_and_clears_only_its_own_files(tmp_path):
+    """The caches were never pruned and named nowhere but the README; --clear must not touch anything else in a
+    folder the user may share (JAX_COMPILATION_CACHE_DIR)."""
+    xla = tmp_path / "xdg" / "ddpm_eqx" / "xla"
+    (xla / "ddpm_eqx_traces").mkdir(parents=True)
+    files = {"a-cache": 3 * 2**20, "a-atime": 8, "b-cache": 2**20, "mine.txt": 5,
+             "ddpm_eqx_traces/train_step-1.jaxexport": 2**20, "ddpm_eqx_traces/.sampler-2.jaxexport.k3j": 0}
+    for name, size in files.items():
+        (xla / name).write_bytes(b"x" * size)
+    env = _env_without_jax(tmp_path)
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+
+    def cache(*args: str) -> list[str]:
+        result = subprocess.run(_cmd("cache", *args), env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    shown = [f"compiled programs: 2 (4.0 MiB) in {xla}",
+             f"stored traces: 1 (1.0 MiB) in {xla / 'ddpm_eqx_traces'}; 1 temporary files of interrupted writes"]
+    assert cache() == shown
+    assert cache("--clear") == [line.replace(": ", ": deleted ", 1) for line in shown]
+    assert sorted(p.name for p in xla.rglob("*")) == ["ddpm_eqx_traces", "mine.txt"]
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "elsewhere")
+    assert cache()[0] == f"compiled programs: 0 (0.0 MiB) in {tmp_path / 'elsewhere'}"
+
+
 def test_no_arguments_still_print_the_help(tmp_path):
     env = _env_without_jax(tmp_path)
     for args in ([], ["data"]):

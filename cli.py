@@ -39,7 +39,7 @@ class OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(0)  # a command that returns (its value is not an exit code)
 
 
 app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

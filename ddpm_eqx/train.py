@@ -100,6 +100,10 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                           "give one of them")
     restored = _restore(ckpt, skeleton, iterator, restore_from or init_from, environment,
                         earlier_layouts(cfg, skeleton), flag="--init-from" if init_from else "--restore-from")
+    if restored is None and init_from is None and (workdir / INIT_FROM_FILE).is_file():
+        # A fine-tuning run stopped before its first checkpoint: it starts from the same weights again.
+        init_from = json.loads((workdir / INIT_FROM_FILE).read_text())["checkpoint"]
+        log.info("this run started from %s (%s): initialising from it again", init_from, workdir / INIT_FROM_FILE)
     if restored is None:
         model = build_model(cfg) if init_from is None else initial_weights(cfg, skeleton.model, init_from, workdir)
         state = init_state(model, optimizer)
@@ -296,9 +300,10 @@ def _resolve_restore_from(restore_from: str | Path) -> tuple[Path, int | None]:
 def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, workdir: Path | None = None) -> Any:
     """The model of ``cfg`` (``skeleton``: its shapes) with the EMA weights of another run's checkpoint (a run
     folder, its ``checkpoints/`` or one ``checkpoints/<step>``, or ``wandb:ENTITY/PROJECT/NAME:V``): where a
-    fine-tuning run starts. The source is read with the config it was trained with (another optimizer, schedule or
-    dataset is fine); its weights must have this model's shapes. ``workdir``: where ``init_from.json`` records
-    the source and step."""
+    fine-tuning run starts. The source is read with the config it was trained with (its optimizer, schedule or
+    dataset may differ); its architecture must be this config's (:data:`ARCHITECTURE_KEYS`), and a changed
+    diffusion, or class labels of another dataset, are named in a warning. ``workdir``: where ``init_from.json``
+    records the source and its step (a restart before the first checkpoint starts from them again)."""
     source, step = _resolve_restore_from(init_from)
     reader = Checkpointer(source, read_only=True)
     try:
@@ -306,37 +311,66 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
         if not steps:
             raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
         try:
-            trained = from_dict(reader.restore_meta(steps[-1])["config"])
+            trained: Config | None = from_dict(reader.restore_meta(steps[-1] if step is None else step)["config"])
         except Exception:  # noqa: BLE001  (no or an unreadable meta: read it with this run's shapes)
-            trained = cfg
-        theirs = state_skeleton(trained)
-        found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained, theirs))
+            trained = None
+        if trained is not None:
+            _check_fine_tuning(cfg, trained, init_from)
+        theirs = state_skeleton(trained or cfg)
+        found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained or cfg, theirs))
     finally:
         reader.close()
     if found is None:
         raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
     at, state = found[0], found[1]
     arrays, static = eqx.partition(skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x))
-    wanted = [(tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(arrays)]
     weights = jax.tree_util.tree_leaves(eqx.filter(state.ema_model, eqx.is_array))
-    if [(tuple(x.shape), str(x.dtype)) for x in weights] != wanted:
-        ours, stored = to_dict(cfg), to_dict(trained)
-        keys = [f"{section}.{key}={stored[section][key]!r} there, {ours[section][key]!r} here"
-                for section, key in _SHAPE_KEYS if stored[section][key] != ours[section][key]]
+    if [(x.shape, x.dtype) for x in weights] != [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(arrays)]:
         raise CheckpointError(f"--init-from {init_from}: step {at}'s weights have other shapes than this config's "
-                              f"model ({'; '.join(keys) or 'another layout'}); --set the model to match it")
+                              "model (its checkpoint names no config); --set the model to match it")
+    if trained is None:
+        log.warning("--init-from %s: step %d names no config; its weights fit this model's shapes", init_from, at)
     log.info("initialised from the EMA weights of %s at step %d (a new run: step 0, fresh optimizer)", source, at)
     if workdir is not None and jax.process_index() == 0:
-        write_text_atomic(Path(workdir) / "init_from.json", json.dumps({"init_from": str(init_from),
-                                                                         "checkpoints": str(source), "step": at}))
+        write_text_atomic(Path(workdir) / INIT_FROM_FILE, json.dumps(
+            {"init_from": str(init_from), "checkpoint": str(source / str(at)), "step": at}))
     return eqx.combine(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays), weights), static)
 
 
-# The config keys that decide the model's weight shapes, named where a fine-tuning source does not fit.
-_SHAPE_KEYS = (*(("model", k) for k in ("dim", "init_dim", "out_dim", "dim_mults", "resnet_block_groups", "attn_heads",
-                                          "attn_dim_head", "downsample", "random_fourier_features",
-                                          "learned_sinusoidal_cond", "learned_sinusoidal_dim", "num_classes")),
-               ("data", "channels"), ("ddpm", "self_condition"))
+INIT_FROM_FILE = "init_from.json"
+"""In a fine-tuning run's workdir: the ``--init-from`` it started from and the checkpoint step it read."""
+
+ARCHITECTURE_KEYS = (*(f"model.{k}" for k in (
+    "dim", "init_dim", "out_dim", "dim_mults", "resnet_block_groups", "attn_heads", "attn_dim_head", "downsample",
+    "random_fourier_features", "learned_sinusoidal_cond", "learned_sinusoidal_dim", "num_classes")),
+    "data.channels", "ddpm.self_condition")
+"""The settings a fine-tuning run must share with its source: they decide what each weight is, not only its shape
+(``attn_heads=2, attn_dim_head=4`` has the shapes of ``1, 8``)."""
+
+
+def _check_fine_tuning(cfg: Config, trained: Config, init_from: str | Path) -> None:
+    """``CheckpointError`` naming the architecture settings that differ from the source's; a warning for the
+    settings that make the source's weights mean something else than they will be trained for."""
+    def value(c: Config, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(c, section), name)
+
+    def changes(keys: Collection[str]) -> list[str]:
+        return [f"{k}={value(trained, k)!r} there, {value(cfg, k)!r} here" for k in keys
+                if value(trained, k) != value(cfg, k)]
+
+    if differ := changes(ARCHITECTURE_KEYS):
+        raise CheckpointError(f"--init-from {init_from}: its model is another architecture than this config's "
+                              f"({'; '.join(differ)}); --set the model to match it")
+    relearn = changes(("ddpm.timesteps", "ddpm.beta_schedule"))
+    if (was := trained.ddpm.resolved_objective()) != (now := cfg.ddpm.resolved_objective()):
+        relearn.insert(0, f"objective {was!r} there, {now!r} here")
+    if cfg.model.num_classes is not None and trained.data.dataset != cfg.data.dataset:
+        relearn.append(f"class labels of {trained.data.dataset!r} there, of {cfg.data.dataset!r} here (the class "
+                       "embeddings are reused label for label)")
+    if relearn:
+        log.warning("--init-from %s: the source was trained for something else (%s); fine-tuning starts from "
+                    "weights that must re-learn it", init_from, "; ".join(relearn))
 
 
 def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> None:

@@ -1,6 +1,7 @@
 """Fine-tuning (``train --init-from``): a new run from another run's EMA weights, at step 0, fresh optimizer."""
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -53,23 +54,48 @@ def test_init_from_takes_the_sources_ema_weights_read_with_the_config_it_was_tra
             np.testing.assert_array_equal(got, want)
         assert model.dropout == 0.1 and source.ema_model.dropout == 0.0
         assert json.loads((tmp_path / "new" / "init_from.json").read_text()) == {
-            "init_from": str(where), "checkpoints": str(tmp_path / "source" / "checkpoints"), "step": 5}
+            "init_from": str(where), "checkpoint": str(tmp_path / "source" / "checkpoints" / "5"), "step": 5}
 
 
-def test_init_from_a_model_of_other_shapes_names_the_settings_that_differ(tmp_path):
-    from ddpm_eqx.checkpoint import CheckpointError
+def test_init_from_another_architecture_names_the_settings_that_differ(tmp_path, caplog):
+    """Refused even where the shapes fit (2 heads of 4 have the shapes of 1 head of 8); a source without a config
+    in its meta is held to the shapes; another diffusion or other class labels are trained from, with a warning."""
+    from ddpm_eqx.checkpoint import Checkpointer, CheckpointError
     from ddpm_eqx.config import Config, apply_overrides
     from ddpm_eqx.state import state_skeleton
     from ddpm_eqx.train import initial_weights
 
-    _source(tmp_path / "source", apply_overrides(Config(), TINY))
-    cfg = apply_overrides(Config(), [*TINY, "model.dim=16", "ddpm.self_condition=true"])
-    with pytest.raises(CheckpointError, match=r"--init-from .*source: step 5's weights have other shapes than this "
-                                              r"config's model \(model.dim=8 there, 16 here; ddpm.self_condition="
-                                              r"False there, True here\); --set the model to match it"):
-        initial_weights(cfg, state_skeleton(cfg).model, tmp_path / "source")
+    source_cfg = apply_overrides(Config(), [*TINY, "model.num_classes=3"])
+    source = _source(tmp_path / "source", source_cfg)
+
+    def init(*overrides: str):  # noqa: ANN202
+        cfg = apply_overrides(source_cfg, list(overrides))
+        return initial_weights(cfg, state_skeleton(cfg).model, tmp_path / "source")
+
+    with pytest.raises(CheckpointError, match=r"--init-from .*source: its model is another architecture than this "
+                                              r"config's \(model.dim=8 there, 16 here; ddpm.self_condition=False "
+                                              r"there, True here\); --set the model to match it"):
+        init("model.dim=16", "ddpm.self_condition=true")
+    with pytest.raises(CheckpointError, match=r"\(model.attn_heads=1 there, 2 here; model.attn_dim_head=8 there, "
+                                              r"4 here\)"):
+        init("model.attn_heads=2", "model.attn_dim_head=4")
+    with caplog.at_level("WARNING"):
+        model = init("ddpm.objective=pred_v", "ddpm.timesteps=500", "data.dataset=mnist")
+    [warned] = [r.getMessage() for r in caplog.records if "--init-from" in r.getMessage()]
+    assert ("the source was trained for something else (objective 'pred_noise' there, 'pred_v' here; "
+            "ddpm.timesteps=1000 there, 500 here; class labels of 'fashion_mnist' there, of 'mnist' here") in warned
+    for got, want in zip(_arrays(model), _arrays(source.ema_model), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Without a config in the meta (as a hand-made checkpoint), the shapes decide.
+    ckpt = Checkpointer(tmp_path / "bare" / "checkpoints", async_save=False)
+    ckpt.save(2, source, None, {"step": 2})
+    ckpt.close()
+    cfg = apply_overrides(source_cfg, ["model.dim=16"])
+    with pytest.raises(CheckpointError, match=r"step 2's weights have other shapes than this config's model \(its "
+                                              r"checkpoint names no config\)"):
+        initial_weights(cfg, state_skeleton(cfg).model, tmp_path / "bare")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="--init-from .*empty: no checkpoint in"):
-        (tmp_path / "empty").mkdir()
         initial_weights(cfg, state_skeleton(cfg).model, tmp_path / "empty")
     assert not (tmp_path / "source" / "init_from.json").exists()
 
@@ -97,6 +123,11 @@ def test_a_fine_tuning_run_starts_at_step_0_with_a_fresh_optimizer_from_the_sour
     assert max(fresh) > 100 * cfg.optim.lr
     # A rerun resumes its own checkpoint (step 1), as with --restore-from.
     assert train(cfg, tmp_path / "new", init_from=tmp_path / "source", progress=False).step == 1
+    # Stopped before its first checkpoint, a rerun without the flag starts from the same weights again.
+    shutil.rmtree(tmp_path / "new" / "checkpoints")
+    again = train(cfg, tmp_path / "new", progress=False)
+    for a, b in zip(_arrays(again.state.model), _arrays(result.state.model), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_restore_from_and_init_from_together_are_refused(tmp_path):

@@ -39,7 +39,8 @@ class OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
-        sys.exit(0)  # a command that returns (its value is not an exit code)
+        # Outside standalone mode Click returns a typer.Exit's code (our one-line errors); commands return None.
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -317,17 +317,23 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
         if trained is not None:
             _check_fine_tuning(cfg, trained, init_from)
         theirs = state_skeleton(trained or cfg)
-        found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained or cfg, theirs))
+        try:
+            found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained or cfg, theirs))
+        except CheckpointError as e:
+            if trained is not None or "do not match the model" not in str(e):
+                raise
+            detail = str(e).split("describes (", 1)[-1].split("); was", 1)[0]
+            raise CheckpointError(f"--init-from {init_from}: its checkpoints name no config, and their weights have "
+                                  f"other shapes than this config's model ({detail}); --set the model to match "
+                                  "them") from None
     finally:
         reader.close()
     if found is None:
         raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
     at, state = found[0], found[1]
+    # The source's arrays in this config's model: its own non-array fields (e.g. dropout) are this run's.
     arrays, static = eqx.partition(skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x))
     weights = jax.tree_util.tree_leaves(eqx.filter(state.ema_model, eqx.is_array))
-    if [(x.shape, x.dtype) for x in weights] != [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(arrays)]:
-        raise CheckpointError(f"--init-from {init_from}: step {at}'s weights have other shapes than this config's "
-                              "model (its checkpoint names no config); --set the model to match it")
     if trained is None:
         log.warning("--init-from %s: step %d names no config; its weights fit this model's shapes", init_from, at)
     log.info("initialised from the EMA weights of %s at step %d (a new run: step 0, fresh optimizer)", source, at)
@@ -363,7 +369,7 @@ def _check_fine_tuning(cfg: Config, trained: Config, init_from: str | Path) -> N
         raise CheckpointError(f"--init-from {init_from}: its model is another architecture than this config's "
                               f"({'; '.join(differ)}); --set the model to match it")
     relearn = changes(("ddpm.timesteps", "ddpm.beta_schedule"))
-    if (was := trained.ddpm.resolved_objective()) != (now := cfg.ddpm.resolved_objective()):
+    if (was := trained.ddpm.resolved_objective) != (now := cfg.ddpm.resolved_objective):
         relearn.insert(0, f"objective {was!r} there, {now!r} here")
     if cfg.model.num_classes is not None and trained.data.dataset != cfg.data.dataset:
         relearn.append(f"class labels of {trained.data.dataset!r} there, of {cfg.data.dataset!r} here (the class "

@@ -46,8 +46,9 @@ def _env(tmp_path: Path, *, optimised: bool = False) -> dict[str, str]:
     if optimised:
         env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != NO_LLVM_OPT)
     env.pop("DDPM_EQX_MALLOC", None)  # the CLI's default allocator (ddpm_eqx.allocator)
-    # Identical programs compile once across the test's processes.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    # Identical programs compile (and trace) once across the whole run's processes: conftest's persistent cache,
+    # shared by the xdist workers, in-process tests and the CLI processes they start.
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     return env
 

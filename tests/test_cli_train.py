@@ -7,6 +7,7 @@ import signal
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_sigkill_then_resume_under_glibc_is_bitwise_the_uninterrupted_run(refere
     assert "resumed from" in resumed.stderr and "other software or devices" not in resumed.stderr
     assert "malloc system" in resumed.stderr
     # The killed run stored its traced step beside the XLA cache; the resumed one read it instead of tracing.
-    assert f"train step read from {tmp_path.parent / 'jax_cache' / 'ddpm_eqx_traces'}" in resumed.stderr
+    assert f"train step read from {Path(env['JAX_COMPILATION_CACHE_DIR']) / 'ddpm_eqx_traces'}" in resumed.stderr
     for a, b in zip(_final_params(ref_dir, 8), _final_params(workdir, 8), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -118,7 +119,7 @@ def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, t
         outs.append(np.load(npz)["image"])
         assert (tmp_path / f"{name}.png").is_file()
         if name == "b":  # the same sampler as a's: read from where a's process stored it, not traced again
-            assert f"sampler read from {tmp_path.parent / 'jax_cache' / 'ddpm_eqx_traces'}" in proc.stderr
+            assert f"sampler read from {Path(env['JAX_COMPILATION_CACHE_DIR']) / 'ddpm_eqx_traces'}" in proc.stderr
     assert outs[0].shape == (6, 8, 8, 1) and outs[0].dtype == np.uint8
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])

@@ -1,4 +1,4 @@
-"""Data parallelism: 1, 2 and 4 fake CPU devices give the same parameters after several steps."""
+"""Data parallelism: 1 and 2 fake CPU devices give the same parameters after several steps."""
 
 import os
 import subprocess
@@ -21,12 +21,12 @@ def _run(counts: tuple[int, ...], out: Path, optimizer: str) -> dict[int, dict]:
 def test_device_count_does_not_change_the_result(tmp_path):
     """SGD exposes a gradient scaled by the device count (shard_map's replicated-input trap); Adam
     would hide it. Tolerance: fp32 round-off of a reordered reduction (observed ~1e-8 relative)."""
-    results = _run((1, 2, 4), tmp_path, "sgd")  # meshes of 1, 2 and 4 of one process's 4 host devices
+    results = _run((1, 2), tmp_path, "sgd")  # meshes of 1 and 2 of one process's 2 host devices
     base = results[1]
     assert int(base["traces"]) == 1
     names = [k for k in base if k.startswith("arr_")]
     assert len(names) > 10
-    for n in (2, 4):
+    for n in (2,):
         assert int(results[n]["traces"]) == 1
         np.testing.assert_allclose(results[n]["loss"], base["loss"], rtol=1e-5)
         for k in names:

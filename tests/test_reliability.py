@@ -774,9 +774,9 @@ def _writing(workdir: Path, since: float) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_at_six_random_moments_still_ends_bitwise_equal(reference_run, fashion_mnist_data_dir, tmp_path):
-    """SIGKILL six times, at seeded random moments of four kinds: during start-up, while Orbax writes a
-    checkpoint (three times), during training steps, and just after a checkpoint commits. Every restart
+def test_sigkill_at_five_random_moments_still_ends_bitwise_equal(reference_run, fashion_mnist_data_dir, tmp_path):
+    """SIGKILL five times, at seeded random moments of four kinds: during start-up, while Orbax writes a
+    checkpoint (twice), during training steps, and just after a checkpoint commits. Every restart
     resumes from the newest complete checkpoint, and the run ends with the uninterrupted run's parameters
     and losses, bit for bit. (The kinds are chosen so that no attempt can reach the last step. Each attempt
     is a process start, ~15-25 s here: ten kills were 190-250 s of the suite.)"""
@@ -786,7 +786,7 @@ def test_sigkill_at_six_random_moments_still_ends_bitwise_equal(reference_run, f
     ref_dir, _ = reference_run  # 8 steps, a checkpoint every 2
     steps, rng = 8, random.Random(0)
     workdir, env, log_path = tmp_path / "killed", _env(tmp_path), tmp_path / "attempt.log"
-    kinds = ["write", "startup", "step", "write", "commit", "write"]
+    kinds = ["write", "startup", "step", "write", "commit"]
     for i, kind in enumerate(kinds):
         before = _committed(workdir)
         first_logged = (before[-1] if before else 0) + 2  # log_every_steps=2

@@ -580,5 +580,5 @@ def _log_estimate(cfg: Config, seconds_per_step: float, step: int) -> None:
                 "--config configs/fashion_mnist_cpu.py", left / 3600, seconds_per_step)
 
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton",
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton", "initial_weights",
            "warn_if_undersized_machine"]

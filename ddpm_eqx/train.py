@@ -312,7 +312,7 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
             raise FileNotFoundError(f"--init-from {init_from}: no checkpoint in {source}")
         try:
             trained: Config | None = from_dict(reader.restore_meta(steps[-1] if step is None else step)["config"])
-        except Exception:  # noqa: BLE001  (no or an unreadable meta: read it with this run's shapes)
+        except Exception:  # noqa: BLE001  (no meta, or one of another version: read it with this run's shapes)
             trained = None
         if trained is not None:
             _check_fine_tuning(cfg, trained, init_from)
@@ -335,7 +335,8 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
     arrays, static = eqx.partition(skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x))
     weights = jax.tree_util.tree_leaves(eqx.filter(state.ema_model, eqx.is_array))
     if trained is None:
-        log.warning("--init-from %s: step %d names no config; its weights fit this model's shapes", init_from, at)
+        log.warning("--init-from %s: step %d holds no config this version reads; its weights fit this model's "
+                    "shapes, so it is read as this config's architecture", init_from, at)
     log.info("initialised from the EMA weights of %s at step %d (a new run: step 0, fresh optimizer)", source, at)
     if workdir is not None and jax.process_index() == 0:
         write_text_atomic(Path(workdir) / INIT_FROM_FILE, json.dumps(
@@ -580,5 +581,5 @@ def _log_estimate(cfg: Config, seconds_per_step: float, step: int) -> None:
                 "--config configs/fashion_mnist_cpu.py", left / 3600, seconds_per_step)
 
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton", "initial_weights",
-           "warn_if_undersized_machine"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_state", "state_skeleton",
+           "initial_weights", "warn_if_undersized_machine"]

@@ -90,6 +90,12 @@ def test_init_from_another_architecture_names_the_settings_that_differ(tmp_path,
     ckpt = Checkpointer(tmp_path / "bare" / "checkpoints", async_save=False)
     ckpt.save(2, source, None, {"step": 2})
     ckpt.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model = initial_weights(source_cfg, state_skeleton(source_cfg).model, tmp_path / "bare")
+    assert any("step 2 holds no config this version reads; its weights fit" in r.getMessage() for r in caplog.records)
+    for got, want in zip(_arrays(model), _arrays(source.ema_model), strict=True):
+        np.testing.assert_array_equal(got, want)
     cfg = apply_overrides(source_cfg, ["model.dim=16"])
     with pytest.raises(CheckpointError, match=r"--init-from .*bare: its checkpoints name no config, and their "
                                               r"weights have other shapes than this config's model \(expected array "

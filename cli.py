@@ -385,7 +385,7 @@ def train(
         help="Continue another run (folder, or wandb:ENTITY/PROJECT/NAME:V) in a new --workdir")] = None,
     init_from: Annotated[Optional[str], typer.Option(
         help="Fine-tune: start a new run in --workdir from another run's EMA weights (folder, one checkpoints/STEP, "
-             "or wandb:...) at step 0 with a fresh optimizer; the model must have the same shapes")] = None,
+             "or wandb:...) at step 0 with a fresh optimizer; the model must have the same architecture")] = None,
     force: Annotated[bool, typer.Option(help="Continue a workdir whose config differs")] = False,
     host_devices: Annotated[Optional[int], typer.Option(
         help="XLA devices to split a CPU into (default: the cores, or the most of them that divide the batch)")] = None,

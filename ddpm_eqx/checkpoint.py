@@ -40,6 +40,14 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint; the message says where it looked and what to do."""
 
 
+class ModelMismatch(CheckpointError):
+    """Readable checkpoints of another model than the skeleton's; ``detail`` names the first difference found."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 class _ShapeMismatch(ValueError):
     """The stored arrays are not the ones the skeleton expects (another model's checkpoint)."""
 
@@ -366,9 +374,9 @@ class Checkpointer:
                 continue
             return s, state, data, meta
         if steps and len(mismatches) == len(steps):
-            raise CheckpointError(f"the checkpoints in {self.directory} do not match the model its config.json "
-                                  f"describes ({mismatches[0][:160]}); was config.json edited or copied "
-                                  "from another run?")
+            detail = mismatches[0][:160]
+            raise ModelMismatch(f"the checkpoints in {self.directory} do not match the model its config.json "
+                                f"describes ({detail}); was config.json edited or copied from another run?", detail)
         if steps and step is not None:
             others = [s for s in everything if s != step]
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read ({reasons[0]}); "
@@ -379,4 +387,4 @@ class Checkpointer:
         return None
 
 
-__all__ = ["Checkpointer", "CheckpointError", "is_write_failure", "quiet_failed_async_saves"]
+__all__ = ["Checkpointer", "CheckpointError", "ModelMismatch", "is_write_failure", "quiet_failed_async_saves"]

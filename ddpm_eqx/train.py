@@ -25,7 +25,7 @@ import numpy as np
 
 from ddpm_eqx import allocator
 from ddpm_eqx._io import write_text_atomic
-from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts
+from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts, ModelMismatch
 from ddpm_eqx.config import Config, ConfigError, from_dict, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import make_diffusion
@@ -98,8 +98,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     if restore_from is not None and init_from is not None:
         raise ConfigError("--restore-from continues another run, --init-from starts a new one from its weights: "
                           "give one of them")
-    restored = _restore(ckpt, skeleton, iterator, restore_from or init_from, environment,
-                        earlier_layouts(cfg, skeleton), flag="--init-from" if init_from else "--restore-from")
+    restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton),
+                        init_from=init_from)
     if restored is None and init_from is None and (workdir / INIT_FROM_FILE).is_file():
         # A fine-tuning run stopped before its first checkpoint: it starts from the same weights again.
         init_from = json.loads((workdir / INIT_FROM_FILE).read_text())["checkpoint"]
@@ -234,31 +234,27 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
 
 def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
              environment: dict[str, Any], layouts: Layouts = (), *,
-             flag: str = "--restore-from") -> tuple[TrainState, list[dict[str, Any]]] | None:
-    """The newest checkpoint of this run, else of ``restore_from`` (when ``flag`` is ``--restore-from``), and the
-    metrics of its steps since its last metrics row; None when there is none.
+             init_from: str | Path | None = None) -> tuple[TrainState, list[dict[str, Any]]] | None:
+    """The newest checkpoint of this run, else of ``restore_from``, and the metrics of its steps since its last
+    metrics row; None when there is none.
 
     Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
-    (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared.
-    ``flag``: the option ``restore_from`` came from, named where the run's own checkpoints win over it.
+    (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared. The run's
+    own checkpoints win over ``restore_from`` and ``init_from`` (a resume), with a warning naming the flag.
     """
     found = ckpt.restore_latest(skeleton, layouts=layouts)
     source = ckpt.directory
-    if found is not None and restore_from is not None:
-        log.warning("resuming this run's own step %d from %s; %s %s applies to a workdir without "
-                    "checkpoints", found[0], ckpt.directory, flag, restore_from)
-    if found is None and flag == "--init-from":
-        return None
+    for flag, given in (("--restore-from", restore_from), ("--init-from", init_from)):
+        if found is not None and given is not None:
+            log.warning("resuming this run's own step %d from %s; %s %s applies to a workdir without "
+                        "checkpoints", found[0], ckpt.directory, flag, given)
     if found is None and restore_from is not None:
         source, step = _resolve_restore_from(restore_from)
         try:
             found = Checkpointer(source, read_only=True).restore_latest(skeleton, step=step, layouts=layouts)
-        except CheckpointError as e:
-            if "do not match the model" not in str(e):
-                raise
-            detail = str(e).split("describes (", 1)[-1].split("); was", 1)[0]
+        except ModelMismatch as e:
             raise CheckpointError(f"--restore-from {restore_from}: its checkpoints hold another model than this "
-                                  f"run's config ({detail}); restore from a run of the same model") from None
+                                  f"run's config ({e.detail}); restore from a run of the same model") from None
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
     if found is None:
@@ -319,12 +315,11 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
         theirs = state_skeleton(trained or cfg)
         try:
             found = reader.restore_latest(theirs, step=step, layouts=earlier_layouts(trained or cfg, theirs))
-        except CheckpointError as e:
-            if trained is not None or "do not match the model" not in str(e):
+        except ModelMismatch as e:
+            if trained is not None:
                 raise
-            detail = str(e).split("describes (", 1)[-1].split("); was", 1)[0]
             raise CheckpointError(f"--init-from {init_from}: its checkpoints name no config, and their weights have "
-                                  f"other shapes than this config's model ({detail}); --set the model to match "
+                                  f"other shapes than this config's model ({e.detail}); --set the model to match "
                                   "them") from None
     finally:
         reader.close()

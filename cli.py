@@ -309,7 +309,7 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
     and only where the train state keeps its shapes (the old file kept as config.N.json; likewise a config.json
     that said otherwise than the checkpoints, with a note); without checkpoints config.json is an attempt that
     never saved, replaced. Fewer steps than the run has done is refused. Returns the undo for a run that fails
-    before it saves a checkpoint (a failed restore, a bad split): config.json as it was."""
+    before it saves a checkpoint (a failed restore, a bad split): config.json as it was (none where there was none)."""
     from ddpm_eqx._io import write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
@@ -363,7 +363,10 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
         write_text_atomic(path, new)
 
     def undo() -> None:
-        if text is not None and text != new and _checkpoint_steps(workdir) == steps:
+        if text != new and _checkpoint_steps(workdir) == steps:
+            if text is None:  # this command's attempt, refused before it saved: no config.json to mislead the next
+                path.unlink(missing_ok=True)
+                return
             write_text_atomic(path, text)
             if backup is not None:
                 backup.unlink(missing_ok=True)

@@ -36,7 +36,9 @@ install() {  # $1: a jax extra to install too (cuda12, tpu, ...), or nothing
   # where uv cannot be installed, pip does it. editable_mode=compat: a path in a .pth rather than setuptools'
   # import hook, which type checkers cannot follow (mypy on a user's script found no ddpm_eqx, so no types).
   if "$VENV/bin/pip" install -q uv "${pins[@]}" 2>/dev/null; then
-    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" -e ".[prepare,test]" \
+    # --compile-bytecode (pip's default, not uv's): the venv's modules are compiled once here, not by the first
+    # process to import them, nor by every process where PYTHONDONTWRITEBYTECODE is set (~3 s a process here).
+    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" -e ".[prepare,test]" --compile-bytecode \
       --config-setting editable_mode=compat ${extra[@]+"${extra[@]}"} ${pins[@]+"${pins[@]}"}
   else
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null

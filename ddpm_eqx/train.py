@@ -109,6 +109,10 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         state = init_state(model, optimizer)
     else:
         state = restored[0]
+    # A fine-tuned run's origin travels in every checkpoint's meta (so in its W&B artifact too); process 0, which
+    # wrote the file, writes the meta.
+    origin_file = workdir / INIT_FROM_FILE
+    origin = json.loads(origin_file.read_text()) if origin_file.is_file() else None
     start = int(state.step)
     check_steps_left(cfg, start, restored is not None and not ckpt.all_steps(), restore_from)
     state = replicate(state, mesh)
@@ -166,7 +170,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                 t_pause = time.perf_counter()
                 if save:
                     _check_loss(pending, ckpt)
-                    _save(ckpt, step, state, iterator, cfg, environment, window)
+                    _save(ckpt, step, state, iterator, cfg, environment, window, origin)
                     if cfg.training.num_sample:
                         _sample_grid(cfg, sampler, state, step, workdir, run)
                 if evaluate:
@@ -176,7 +180,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         _check_loss(pending, ckpt)
         if stop.signal is not None and step not in ckpt.all_steps():
             log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
-            _save(ckpt, step, state, iterator, cfg, environment, window)
+            _save(ckpt, step, state, iterator, cfg, environment, window, origin)
         ckpt.wait()
         if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps and step > start:
             _log_model(run, ckpt.directory, step)
@@ -393,9 +397,9 @@ def _check_loss(pending: tuple[int, jax.Array] | None, ckpt: Checkpointer) -> No
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, iterator: Any, cfg: Config,
-          environment: dict[str, Any], window: list[dict[str, Any]]) -> None:
+          environment: dict[str, Any], window: list[dict[str, Any]], origin: dict[str, Any] | None) -> None:
     meta = {"step": step, "config": to_dict(cfg), "time": time.time(), "environment": environment,
-            "metrics_window": _window_to_json(window)}
+            "metrics_window": _window_to_json(window), **({} if origin is None else {"init_from": origin})}
     ckpt.save(step, state, iterator.get_state(), meta)
 
 

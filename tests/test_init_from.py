@@ -114,6 +114,7 @@ def test_a_fine_tuning_run_starts_at_step_0_with_a_fresh_optimizer_from_the_sour
     one step every weight is within lr of the source's EMA, and far from the weights the config would draw."""
     import jax
 
+    from ddpm_eqx.checkpoint import Checkpointer
     from ddpm_eqx.config import apply_overrides
     from ddpm_eqx.state import build_model
     from ddpm_eqx.train import train
@@ -128,6 +129,12 @@ def test_a_fine_tuning_run_starts_at_step_0_with_a_fresh_optimizer_from_the_sour
     assert max(moved) <= cfg.optim.lr * (1 + 1e-5) and max(moved) > 0
     fresh = [np.abs(a - b).max() for a, b in zip(_arrays(result.state.model), _arrays(build_model(cfg)), strict=True)]
     assert max(fresh) > 100 * cfg.optim.lr
+    # Its checkpoints name where it started (the meta travels into a W&B artifact; init_from.json does not).
+    reader = Checkpointer(tmp_path / "new" / "checkpoints", read_only=True)
+    origin = reader.restore_meta(1)["init_from"]
+    reader.close()
+    assert origin == {"init_from": str(tmp_path / "source"),
+                      "checkpoint": str(tmp_path / "source" / "checkpoints" / "5"), "step": 5}
     # A rerun resumes its own checkpoint (step 1), as with --restore-from.
     assert train(cfg, tmp_path / "new", init_from=tmp_path / "source", progress=False).step == 1
     # Stopped before its first checkpoint, a rerun without the flag starts from the same weights again.

@@ -150,6 +150,11 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     undo()
     assert (workdir / "config.json").read_text() == to_json(a)
     assert (workdir / "config.0.json").read_text() == to_json(b)
+    # A new workdir's start that fails before saving (--init-from another architecture) leaves no config.json.
+    undo = cli._prepare_workdir(tmp_path / "new", a, force=False)
+    assert (tmp_path / "new" / "config.json").is_file()
+    undo()
+    assert not (tmp_path / "new" / "config.json").exists()
 
 
 @pytest.mark.parametrize("override, message", [

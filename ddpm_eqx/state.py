@@ -8,6 +8,7 @@ from ema-pytorch), where ``epoch`` counts steps since ``update_after_step``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import equinox as eqx
@@ -134,10 +135,12 @@ def build_state(cfg: Config) -> tuple[TrainState, GaussianDiffusion, Any]:
     return state, make_diffusion(cfg.ddpm, cfg.training.loss_type), optimizer
 
 
+@functools.lru_cache(maxsize=8)
 def state_skeleton(cfg: Config) -> TrainState:
     """``build_state(cfg)``'s state as shapes only (``jax.ShapeDtypeStruct`` leaves): what a checkpoint is
-    restored into. Free, where building the weights costs XLA:CPU a compile per distinct weight shape
-    (~15 s for the seed's U-Net)."""
+    restored into. No compile, where building the weights costs XLA:CPU one per distinct weight shape (~15 s
+    for the seed's U-Net); tracing it takes ~0.7 s for the tests' tiny model, so it is kept per config (a
+    ``train`` asks for it while validating the config and again to restore)."""
     return eqx.filter_eval_shape(lambda: build_state(cfg)[0])
 
 

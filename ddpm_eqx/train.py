@@ -514,7 +514,7 @@ def validate_setup(cfg: Config) -> None:
     Raises ``ConfigError`` (or the data module's ``DataError``) with a one-line message.
     """
     try:
-        eqx.filter_eval_shape(build_model, cfg)  # constructs nothing, checks the sizes
+        state_skeleton(cfg)  # constructs nothing, checks the sizes (and is kept for the restore)
         check_divisible(cfg.data.batch_size, make_mesh(), cfg.training.grad_accum_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None

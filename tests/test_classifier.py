@@ -1,5 +1,8 @@
 """Offline classifier metric on real Fashion-MNIST: accuracy, caching, and fd/kid_classifier behaviour."""
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 from _archives import FASHION_MNIST_FILES, SHARED_DATA, read_idx
+from _cli import _env
 
 from ddpm_eqx import classifier as clf
 
@@ -34,10 +38,35 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("classifier_cache")
 
 
+_TRAIN = """
+import sys
+import numpy as np
+from _archives import FASHION_MNIST_FILES, SHARED_DATA, read_idx
+from _cli import _env
+from ddpm_eqx import classifier as clf
+
+def splits():
+    x, y, x_test, y_test = (read_idx(SHARED_DATA / "fashion_mnist" / name) for name in FASHION_MNIST_FILES)
+    return x[..., None], y.astype(np.int64), x_test[..., None], y_test.astype(np.int64)
+
+clf.load_or_train_classifier(sys.argv[1], "fashion_mnist", splits)
+"""
+
+
 @pytest.fixture(scope="module")
 def trained(data: clf.LabelledSplits, cache_dir: Path) -> tuple[clf.Classifier, clf.ClassifierInfo]:
+    """The product's default classifier, trained by ``load_or_train_classifier`` in a process of its own: at XLA's
+    default optimisation level (this one's is conftest's -O0, which trains it ~3x slower), as ``ddpm-eqx eval``
+    would; this process then reads it from the cache."""
     start = time.perf_counter()
-    result = clf.load_or_train_classifier(cache_dir, "fashion_mnist", lambda: data)
+    env = _env(cache_dir, optimised=True)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(Path(__file__).parent)])  # for _archives
+    subprocess.run([sys.executable, "-c", _TRAIN, str(cache_dir)], env=env, check=True, timeout=900)
+
+    def must_not_train() -> clf.LabelledSplits:
+        raise AssertionError("the classifier trained in its own process was not found in the cache")
+
+    result = clf.load_or_train_classifier(cache_dir, "fashion_mnist", must_not_train)
     print(f"\nclassifier: test accuracy {result[1].test_accuracy:.4f}, {time.perf_counter() - start:.1f} s")
     return result
 
@@ -72,7 +101,9 @@ def test_accuracy_at_least_90_percent(
     classifier, info = trained
     assert info.test_accuracy >= 0.90
     recomputed = clf.accuracy(classifier, clf.to_model_layout(data.test_images), data.test_labels)
-    assert recomputed == pytest.approx(info.test_accuracy, abs=1e-6)
+    # Stored by the training process, recomputed here from the cached weights: XLA's code at another optimisation
+    # level may round a borderline image's logits the other way (one image of the 10,000 is 1e-4).
+    assert recomputed == pytest.approx(info.test_accuracy, abs=2.5e-4)
     assert info.dataset == "fashion_mnist" and info.image_shape == (1, 28, 28) and info.num_classes == 10
 
 

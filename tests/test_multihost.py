@@ -51,7 +51,7 @@ def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_di
     # vanished folder, the other hung), now process 0 moves it and both resume from step 2.
     victim = max((p for p in (workdir / "checkpoints" / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:10])
-    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 6, SAMPLES)
+    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 6)  # grids off (not another run): no sampler
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "finished at step 6" in out, err[-3000:]

@@ -32,9 +32,10 @@ install() {  # $1: a jax extra to install too (cuda12, tpu, ...), or nothing
   # a run (or break CI) between two installs; DDPM_EQX_UNPINNED=1 installs the newest allowed instead.
   local pins=(-c constraints.txt)
   if [ -n "${DDPM_EQX_UNPINNED:-}" ]; then pins=(); fi
-  # uv installs the same versions as pip in a quarter of the time (26 s against 1:41 into a fresh venv);
-  # where uv cannot be installed, pip does it. editable_mode=compat: a path in a .pth rather than setuptools'
-  # import hook, which type checkers cannot follow (mypy on a user's script found no ddpm_eqx, so no types).
+  # uv installs the same versions as pip in a quarter of the time (26 s against 1:41 into a fresh venv; 47 s with
+  # --compile-bytecode, below); where uv cannot be installed, pip does it. editable_mode=compat: a path in a .pth
+  # rather than setuptools' import hook, which type checkers cannot follow (mypy on a user's script found no
+  # ddpm_eqx, so no types).
   if "$VENV/bin/pip" install -q uv "${pins[@]}" 2>/dev/null; then
     # --compile-bytecode (pip's default, not uv's): the venv's modules are compiled once here, not by the first
     # process to import them, nor by every process where PYTHONDONTWRITEBYTECODE is set (~3 s a process here).

@@ -10,12 +10,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from ddpm_eqx._types import Keys
 from ddpm_eqx.diffusion import GaussianDiffusion
-from ddpm_eqx.parallel import AXIS, P, batch_sharded, gather, replicate
+from ddpm_eqx.parallel import AXIS, P, batch_sharded, gather, replicate, split_global
 from ddpm_eqx.sample import Sampler, sample
 from ddpm_eqx.trace_cache import stored_program
 
@@ -87,9 +87,8 @@ class ShardedSampler:
         # The stored program takes each input where its spec puts it (jit would move an uncommitted key array
         # itself; an exported program is called with the shardings it was exported with).
         arrays, proc_arrays, keys, labels = args
-        split = NamedSharding(self.mesh, P(AXIS))
-        args = (replicate(arrays, self.mesh), proc_arrays, jax.device_put(keys, split),
-                None if labels is None else jax.device_put(labels, split))
+        args = (replicate(arrays, self.mesh), proc_arrays, split_global(keys, self.mesh),
+                None if labels is None else split_global(labels, self.mesh))
         leaves, treedef = jax.tree_util.tree_flatten(args)  # jax.export takes lists, not modules
         signature = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
         program = self._stored.get(signature)

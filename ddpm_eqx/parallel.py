@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -163,6 +164,19 @@ def replicate(tree: T, mesh: Mesh) -> T:
     return jax.tree_util.tree_map(put, tree)
 
 
+def split_global(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """``x`` (the same values on every process, e.g. keys drawn from one seed) split over ``data`` across all
+    processes' devices. PRNG key arrays go through their key data: ``jax.device_put`` onto a sharding that
+    spans another process's devices is refused."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    typed = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    host = np.asarray(jax.random.key_data(x) if typed else x)
+    out = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if typed else out
+
+
 def shard_batch(local: PyTree, mesh: Mesh) -> PyTree:
     """Assemble each process's slice of the global batch into arrays split over ``data``."""
     sharding = NamedSharding(mesh, P(AXIS))
@@ -204,6 +218,6 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 
-__all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "shard_batch", "batch_sharded", "gather",
+__all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "split_global", "shard_batch", "batch_sharded", "gather",
            "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows",
            "available_cores", "default_host_devices"]

@@ -36,8 +36,17 @@ from ddpm_eqx.logging_utils import log
 
 
 def enabled() -> bool:
-    """False where ``DDPM_EQX_TRACE_CACHE=0``, or with several processes (each would trace anyway)."""
-    return os.environ.get("DDPM_EQX_TRACE_CACHE", "1") != "0" and jax.process_count() == 1
+    """False where ``DDPM_EQX_TRACE_CACHE=0``."""
+    return os.environ.get("DDPM_EQX_TRACE_CACHE", "1") != "0"
+
+
+def _all_agree(**values: str) -> bool:
+    """Whether every process of the run holds the same ``values`` (a collective; true for one process). The
+    processes of a multi-process run must run one program: they read a stored trace only where all read the same
+    file, else all trace it."""
+    from ddpm_eqx.parallel import processes_differing
+
+    return not any(processes_differing(**values).values())
 
 
 def default_directory() -> Path | None:
@@ -78,11 +87,15 @@ def load_or_export(
     dicts); ``determines`` is everything else ``fn`` depends on, e.g. its config as JSON.
     """
     path = directory / f"{cache_key(name, determines, args)}.jaxexport"
+    stored, read = None, "none"
     if path.is_file():
         try:
-            return export.deserialize(bytearray(path.read_bytes())), True
+            data = path.read_bytes()
+            stored, read = export.deserialize(bytearray(data)), hashlib.sha256(data).hexdigest()
         except Exception as e:  # noqa: BLE001  (any unreadable file: trace again and replace it)
             log.warning("could not read the stored trace %s (%s: %s); tracing again", path, type(e).__name__, e)
+    if _all_agree(stored_trace=read) and stored is not None:
+        return stored, True
     exported = export.export(jax.jit(fn, in_shardings=in_shardings, donate_argnums=donate_argnums))(*args)
     tmp: Path | None = None
     try:
@@ -112,9 +125,11 @@ def stored_program(
     ``on_trace`` is called whenever JAX traces the returned callable (a compile; the program itself is not
     traced again).
     """
-    if not _source.unchanged():
-        log.warning("ddpm_eqx's source files changed after this process imported them: the %s is traced, not "
-                    "read or stored (a stored program is keyed by the source on disk)", name)
+    unchanged = _source.unchanged()
+    if not _all_agree(source_unchanged=str(unchanged)) or not unchanged:
+        log.warning("ddpm_eqx's source files changed after %s imported them: the %s is traced, not read or stored (a "
+                    "stored program is keyed by the source on disk)",
+                    "another process of the run" if unchanged else "this process", name)
         return None
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, tuple(args))
     try:

@@ -56,6 +56,7 @@ def test_two_local_processes_train_and_checkpoint_together(fashion_mnist_data_di
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "finished at step 6" in out, err[-3000:]
         assert "resumed from" in err and "at step 2" in err
+        assert "train step read from" in err  # both processes read the step the first launch stored
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == ["4"]
     # Process 0 refuses the workdir (another config than its run's): the other process is told, not left waiting.
     workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 6, SAMPLES, "optim.lr=0.01")

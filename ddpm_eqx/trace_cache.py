@@ -50,9 +50,15 @@ def _all_agree(**values: str) -> bool:
 
 
 def default_directory() -> Path | None:
-    """``<XLA's persistent cache>/ddpm_eqx_traces``, or None when that cache is off or this one is disabled."""
+    """``<XLA's persistent cache>/ddpm_eqx_traces``, or None when that cache is off or this one is disabled (in
+    every process of a run where it is so in any: each use is a collective, see :func:`stored_program`)."""
     xla_cache = jax.config.values.get("jax_compilation_cache_dir")
-    return Path(xla_cache) / "ddpm_eqx_traces" if xla_cache and enabled() else None
+    directory = Path(xla_cache) / "ddpm_eqx_traces" if xla_cache and enabled() else None
+    if not _all_agree(trace_cache=str(directory is not None)):
+        log.warning("stored traces are off in some processes of this run (DDPM_EQX_TRACE_CACHE, or no XLA cache): "
+                    "every process traces")
+        return None
+    return directory
 
 
 @functools.cache
@@ -123,7 +129,8 @@ def stored_program(
     process imported them: the caller then traces it as without the cache.
 
     ``on_trace`` is called whenever JAX traces the returned callable (a compile; the program itself is not
-    traced again).
+    traced again). With several processes it is a collective (every process calls it at the same point): they
+    read a stored program only where all read the same file from unchanged sources, else all trace.
     """
     unchanged = _source.unchanged()
     if not _all_agree(source_unchanged=str(unchanged)) or not unchanged:

@@ -218,6 +218,6 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 
-__all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "split_global", "shard_batch", "batch_sharded", "gather",
-           "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows",
+__all__ = ["AXIS", "P", "make_mesh", "check_divisible", "replicate", "split_global", "shard_batch", "batch_sharded",
+           "gather", "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows",
            "available_cores", "default_host_devices"]

@@ -100,10 +100,11 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                           "give one of them")
     restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton),
                         init_from=init_from)
-    if restored is None and init_from is None and (workdir / INIT_FROM_FILE).is_file():
+    origin_file = workdir / INIT_FROM_FILE  # a fine-tuning run's source (written by initial_weights)
+    if restored is None and init_from is None and origin_file.is_file():
         # A fine-tuning run stopped before its first checkpoint: it starts from the same weights again.
-        init_from = json.loads((workdir / INIT_FROM_FILE).read_text())["checkpoint"]
-        log.info("this run started from %s (%s): initialising from it again", init_from, workdir / INIT_FROM_FILE)
+        init_from = json.loads(origin_file.read_text())["checkpoint"]
+        log.info("this run started from %s (%s): initialising from it again", init_from, origin_file)
     if restored is None:
         model = build_model(cfg) if init_from is None else initial_weights(cfg, skeleton.model, init_from, workdir)
         state = init_state(model, optimizer)
@@ -111,7 +112,6 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         state = restored[0]
     # A fine-tuned run's origin travels in every checkpoint's meta (so in its W&B artifact too); process 0, which
     # wrote the file, writes the meta.
-    origin_file = workdir / INIT_FROM_FILE
     origin = json.loads(origin_file.read_text()) if origin_file.is_file() else None
     start = int(state.step)
     check_steps_left(cfg, start, restored is not None and not ckpt.all_steps(), restore_from)

@@ -40,16 +40,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 _TRAIN = """
 import sys
-import numpy as np
-from _archives import FASHION_MNIST_FILES, SHARED_DATA, read_idx
-from _cli import _env
 from ddpm_eqx import classifier as clf
+from test_classifier import _fashion_mnist
 
-def splits():
-    x, y, x_test, y_test = (read_idx(SHARED_DATA / "fashion_mnist" / name) for name in FASHION_MNIST_FILES)
-    return x[..., None], y.astype(np.int64), x_test[..., None], y_test.astype(np.int64)
-
-clf.load_or_train_classifier(sys.argv[1], "fashion_mnist", splits)
+clf.load_or_train_classifier(sys.argv[1], "fashion_mnist", _fashion_mnist)
 """
 
 
@@ -60,7 +54,7 @@ def trained(data: clf.LabelledSplits, cache_dir: Path) -> tuple[clf.Classifier, 
     would; this process then reads it from the cache."""
     start = time.perf_counter()
     env = _env(cache_dir, optimised=True)
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(Path(__file__).parent)])  # for _archives
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(Path(__file__).parent)])  # for this module
     subprocess.run([sys.executable, "-c", _TRAIN, str(cache_dir)], env=env, check=True, timeout=900)
 
     def must_not_train() -> clf.LabelledSplits:

@@ -46,15 +46,15 @@ jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
 
 from ddpm_eqx.parallel import CPU_XLA_FLAGS  # noqa: E402  (after the hook, before any backend starts)
 from _archives import FASHION_MNIST_FILES, SHARED_DATA  # noqa: E402
-from _cli import NO_LLVM_OPT  # noqa: E402
+from _cli import FAST_COMPILE  # noqa: E402
 
 # In-process tests compile with the XLA:CPU flags the CLI uses (subprocesses get them from the CLI).
-# The tests compile far more than they compute, so XLA's generated code is built without LLVM's
-# optimisations: a 2-device worker of test_parallel took 37 s at the default level, 19 s at 0. Library
-# kernels (Eigen, YNNPACK) are unaffected; bitwise comparisons are between runs under the same flags.
-# Subprocesses (the CLI, workers) inherit it; a level already in XLA_FLAGS wins.
-_OPT_LEVEL = () if NO_LLVM_OPT.split("=")[0] in os.environ.get("XLA_FLAGS", "") else (NO_LLVM_OPT,)
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS, *_OPT_LEVEL]).strip()
+# The tests compile far more than they compute, so XLA's generated code is built for compile speed
+# (_cli.FAST_COMPILE): a 2-device worker of test_parallel took 37 s at the default level, 19 s at level 0.
+# Library kernels (Eigen, YNNPACK) are unaffected; bitwise comparisons are between runs under the same flags.
+# Subprocesses (the CLI, workers) inherit them; a flag already in XLA_FLAGS wins.
+_FAST = tuple(f for f in FAST_COMPILE if f.split("=")[0] not in os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS, *_FAST]).strip()
 
 
 

@@ -72,6 +72,15 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         fail(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}", 2)
 
 
+def _reference_count(text: str) -> int | None:
+    """``eval --reference``: a number of training images (2 or more: a covariance), or ``all`` (``None``)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 2:
+        fail(f"--reference {text!r}: give a number of training images (2 or more), or all for the whole split", 2)
+    return int(text)
+
+
 def _check_output(flag: str, path: Path | None, suffixes: tuple[str, ...]) -> Path | None:
     """An output file's path, checked before any sampling (minutes, or hours for ``eval``) is spent on it."""
     if path is None:
@@ -576,6 +585,9 @@ def eval_(
                                                          "models; the classes are drawn in turn)")] = 1.0,
     metric: Annotated[str, typer.Option(help="classifier, inception or all")] = "all",
     fid_weights: Annotated[Optional[str], typer.Option(help="pt_inception-2015-12-05 weights (.pth/.npz)")] = None,
+    reference: Annotated[str, typer.Option(
+        help="Training images the reference statistics are taken on: a fixed random subset of this many, or all "
+             "(the published FID protocol, with --num 50000)")] = "10000",
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here too")] = None,
     host_devices: Annotated[Optional[int], typer.Option(help="XLA devices to split a CPU into (default: its cores)")] = None,
 ) -> None:
@@ -583,6 +595,7 @@ def eval_(
     _check_choice("--metric", metric, ("classifier", "inception", "all"))
     _check_choice("--sampler", sampler, SAMPLERS)
     _check_ddim_options(sampler, steps, eta)
+    reference_count = _reference_count(reference)
     ckpt = ckpt.expanduser()
     out = _check_output("--out", out, (".json",))
     _init_runtime(host_devices, None, None, None)
@@ -606,7 +619,8 @@ def eval_(
         if (warning := small_sample_warning(num, scored)) is not None:
             typer.echo(f"warning: {warning}", err=True)
         cfg, images, used_step = draw_images(request)
-        results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed)  # type: ignore[arg-type]
+        results = evaluate_images(cfg, images, metric=metric, fid_weights=fid_weights, seed=seed,  # type: ignore[arg-type]
+                                  reference=reference_count)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0], 1)
     except RuntimeError as e:

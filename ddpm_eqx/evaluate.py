@@ -29,7 +29,8 @@ from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_incept
 
 Metric = Literal["classifier", "inception", "all"]
 REFERENCE_EXAMPLES = 10_000
-"""Reference images drawn from the training split (a fixed random subset) for the statistics."""
+"""Reference images drawn from the training split (a fixed random subset) for the statistics, by default; ``None``
+where a function takes ``reference``: the whole split (the published FID protocol: all 50,000 of CIFAR-10's)."""
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -55,13 +56,13 @@ HELD_OUT = 0.1
 
 
 def reference_images(
-    cfg: Config, train: UInt8[np.ndarray, "n h w c"] | None = None
+    cfg: Config, train: UInt8[np.ndarray, "n h w c"] | None = None, *, reference: int | None = REFERENCE_EXAMPLES
 ) -> Float[np.ndarray, "m c h w"]:
-    """The training split's fixed subset the statistics are taken on; from ``train`` (the whole split, decoded
-    already) when given, else decoded."""
+    """The training split's fixed subset of ``reference`` images (:func:`subset_ids`; ``None``: all of it) the
+    statistics are taken on; from ``train`` (the whole split, decoded already) when given, else decoded."""
     if train is not None:
-        return to_model_images(train[subset_ids(train.shape[0], REFERENCE_EXAMPLES)])
-    images, _ = load_split_array(cfg.data, "train", max_examples=REFERENCE_EXAMPLES)
+        return to_model_images(train[subset_ids(train.shape[0], reference)])
+    images, _ = load_split_array(cfg.data, "train", max_examples=reference)
     return to_model_images(images)
 
 
@@ -71,9 +72,10 @@ def kid_subset_size(num: int, reference: int) -> int:
 
 
 class ClassifierMetric:
-    """The offline metric: its classifier and the training split's reference features, loaded once."""
+    """The offline metric: its classifier and the training split's reference features (of ``reference`` images,
+    :func:`reference_images`), loaded once."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, reference: int | None = REFERENCE_EXAMPLES):
         directory = cache_dir(cfg)
 
         decoded: list[np.ndarray] = []  # the train split, when the classifier is trained on it here
@@ -94,7 +96,7 @@ class ClassifierMetric:
 
         self.classifier, self.info = load_or_train_classifier(directory, Path(cfg.data.dataset).name, get_data)
         self.reference: FeatureReference = reference_statistics(
-            self.classifier, reference_images(cfg, *decoded), cache_path=directory / "classifier_reference.npz"
+            self.classifier, reference_images(cfg, *decoded, reference=reference), cache_path=directory / "classifier_reference.npz"
         )
 
     def __call__(self, images: Float[np.ndarray, "n c h w"], *, seed: int = 0) -> dict[str, float]:
@@ -176,15 +178,16 @@ def _load_weights(fid_weights: str | None) -> tuple[Any, Path]:
 
 
 def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights: str | None, *,
-                      seed: int = 0) -> dict[str, float]:
-    """FID and KID with the pytorch-fid Inception-v3; FileNotFoundError or ``UnreadableWeights`` (one line)
-    without usable weights. The reference statistics are cached per weights file (its content's hash), written
-    whole, and an unreadable or stale cache is recomputed."""
+                      seed: int = 0, reference: int | None = REFERENCE_EXAMPLES) -> dict[str, float]:
+    """FID and KID with the pytorch-fid Inception-v3 against ``reference`` training images
+    (:func:`reference_images`); FileNotFoundError or ``UnreadableWeights`` (one line) without usable weights. The
+    reference statistics are cached per weights file (its content's hash) and ``reference``, written whole, and an
+    unreadable or stale cache is recomputed."""
     from ddpm_eqx.inception import inception_features
 
     model, weights_path = _load_weights(weights)
     with open(weights_path, "rb") as f:  # streamed: ~95 MB
-        key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{REFERENCE_EXAMPLES}"
+        key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{reference or 'all'}"
     path = cache_dir(cfg) / "inception_reference.npz"
     cached = None
     try:
@@ -194,7 +197,7 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, torn, or of other weights
         pass
     if cached is None:
-        ref_features = inception_features(model, reference_images(cfg))
+        ref_features = inception_features(model, reference_images(cfg, reference=reference))
         ref_mu, ref_sigma = feature_statistics(ref_features)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
@@ -232,10 +235,11 @@ def small_sample_warning(num: int, distances: Collection[str]) -> str | None:
 
 
 def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric: Metric = "all",
-                    fid_weights: str | None = None, seed: int = 0) -> dict[str, Any]:
+                    fid_weights: str | None = None, seed: int = 0,
+                    reference: int | None = REFERENCE_EXAMPLES) -> dict[str, Any]:
     """All requested metrics of ``images`` (model layout, [-1, 1]), with what they were measured against: the
-    reference images (``reference_images`` of the train split, a fixed random subset where it has more than
-    ``REFERENCE_EXAMPLES``), KID's subset size and each distance's feature dimension. With ``metric="all"``
+    reference images (``reference_images`` of the train split: a fixed random subset where it has more than
+    ``reference``, the whole split for ``None``), KID's subset size and each distance's feature dimension. With ``metric="all"``
     unusable Inception weights are reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
     images = as_scored(images)
@@ -247,13 +251,13 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
                 raise
             results["classifier_unavailable"] = str(e)
         else:
-            measure = ClassifierMetric(cfg)
+            measure = ClassifierMetric(cfg, reference=reference)
             results.update(measure(images, seed=seed))
             results["classifier_test_accuracy"] = measure.info.test_accuracy
             results["reference_images"] = measure.reference.features.shape[0]
     if metric in ("inception", "all"):
         try:
-            results.update(inception_metrics(cfg, images, fid_weights, seed=seed))
+            results.update(inception_metrics(cfg, images, fid_weights, seed=seed, reference=reference))
         except (FileNotFoundError, UnreadableWeights) as e:
             if metric == "inception":
                 raise

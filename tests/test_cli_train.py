@@ -138,7 +138,8 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     with Image.open(gif) as im:
         assert im.n_frames == 11  # x_T and the 10 DDIM steps
     out = tmp_path / "eval.json"
-    result = subprocess.run(_cmd("eval", "--ckpt", str(workdir), "--num", "64", "--steps", "10", "--out", str(out)),
+    result = subprocess.run(_cmd("eval", "--ckpt", str(workdir), "--num", "64", "--steps", "10", "--out", str(out),
+                                 "--reference", "20000"),
                             env=_env(tmp_path, optimised=True), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads(out.read_text())
@@ -149,7 +150,7 @@ def test_sample_trajectory_and_eval_with_the_offline_metric(reference_run, tmp_p
     # What the scores were measured against, and a warning that 64 samples bias them.
     assert (scores["reference_split"], scores["kid_subset_size"], scores["feature_dims"]) == ("train", 64,
                                                                                               {"fd_classifier": 128})
-    assert scores["reference_images"] == 10_000  # a fixed subset of Fashion-MNIST's 60,000
+    assert scores["reference_images"] == 20_000  # --reference: a fixed subset of Fashion-MNIST's 60,000
     assert "warning: 64 samples are few for fd_classifier (128 features)" in result.stderr
 
 
@@ -196,6 +197,10 @@ def test_bad_overrides_exit_2_with_one_line_and_write_nothing(tmp_path, override
     (["sample", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--sampler", "euler"], "--sampler 'euler': use ddpm or ddim"),
     (["eval", "--metric", "fid"], "--metric 'fid': use classifier, inception or all"),
+    (["eval", "--reference", "1"], "--reference '1': give a number of training images (2 or more), or all for the "
+                                   "whole split"),
+    (["eval", "--reference", "full"], "--reference 'full': give a number of training images (2 or more), or all for "
+                                      "the whole split"),
     (["sample", "--sampler", "ddpm", "--steps", "50"], "--steps 50 sets the DDIM sampler's steps; DDPM runs all the model's timesteps: "
                                   "drop --steps or use --sampler ddim"),
     (["eval", "--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5 sets the DDIM sampler's noise; DDPM draws its own: "

@@ -22,7 +22,8 @@ from PIL import Image, ImageOps
 
 from ddpm_eqx.config import DataConfig
 from ddpm_eqx.data import (
-    DataError, fit_image, load_split_array, make_train_iterator, prepare_dataset, reads_from_memory,
+    DataError, fit_image, load_split_array, make_train_iterator, prepare_dataset, reads_from_memory, subset_ids,
+    to_model_images,
 )
 
 N_SMALL = 64  # examples of the small synthetic dataset; 4 batches of 16 per epoch
@@ -242,20 +243,23 @@ def test_the_split_is_cached_by_default_when_the_run_reads_all_of_it(small_npz: 
             np.testing.assert_array_equal(a["image"], b["image"])
 
 
-def test_reference_images_from_a_decoded_train_split_are_the_subset_decoded_alone(
-    small_npz: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reference_images_from_a_decoded_train_split_are_the_subset_decoded_alone(small_npz: tuple[str, str]) -> None:
     """``ddpm-eqx eval`` takes the metric's reference subset from the train split it has just decoded to train
-    its classifier, instead of decoding that subset again."""
+    its classifier, instead of decoding that subset again; ``--reference all`` takes the whole split."""
     from ddpm_eqx import evaluate
     from ddpm_eqx.config import Config
 
-    monkeypatch.setattr(evaluate, "REFERENCE_EXAMPLES", 10)
     cfg = Config(data=small_cfg(small_npz))
     train, _ = load_split_array(cfg.data, "train")
-    alone = evaluate.reference_images(cfg)
+    alone = evaluate.reference_images(cfg, reference=10)
     assert alone.shape == (10, 1, 4, 4)
-    np.testing.assert_array_equal(evaluate.reference_images(cfg, train), alone)
+    np.testing.assert_array_equal(alone, to_model_images(train[subset_ids(len(train), 10)]))
+    np.testing.assert_array_equal(evaluate.reference_images(cfg, train, reference=10), alone)
+    whole = to_model_images(train)  # every image, in the split's order
+    assert whole.shape[0] > 10
+    np.testing.assert_array_equal(evaluate.reference_images(cfg, reference=None), whole)
+    np.testing.assert_array_equal(evaluate.reference_images(cfg, train, reference=None), whole)
+    np.testing.assert_array_equal(evaluate.reference_images(cfg, reference=len(train) + 5), whole)  # no more than it has
 
 
 def test_resume_with_worker_process(small_npz: tuple[str, str]) -> None:

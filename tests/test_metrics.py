@@ -172,12 +172,17 @@ def test_a_dataset_without_a_test_split_tests_its_classifier_on_a_held_out_tenth
         return train(directory, name, lambda: splits[0])
 
     monkeypatch.setattr(ev, "load_or_train_classifier", spy)
-    metric = ev.ClassifierMetric(_npz_config(tmp_path / "two.npz", tmp_path))
+    cfg = _npz_config(tmp_path / "two.npz", tmp_path)
+    metric = ev.ClassifierMetric(cfg)
     train_images, _, test_images, _ = splits[0]
     assert (len(train_images), len(test_images)) == (360, 40)
     seen = {image.tobytes() for image in train_images}
     assert not any(image.tobytes() in seen for image in test_images)  # held out: none of them trained on
     assert metric.info.num_classes == 2 and metric.info.test_accuracy > 0.9  # an easy task
+    assert metric.reference.features.shape[0] == 400  # the whole split: fewer than REFERENCE_EXAMPLES
+    # `eval --reference 100`: the statistics of a fixed 100 of them (the classifier read back from its cache)
+    fewer = ev.ClassifierMetric(cfg, reference=100)
+    assert fewer.info == metric.info and fewer.reference.features.shape[0] == 100
 
 
 def test_evaluation_caches_are_keyed_by_the_dataset_not_its_name(tmp_path) -> None:
@@ -196,7 +201,7 @@ def test_generated_images_are_scored_at_8_bits_like_the_reference_images(tmp_pat
     from ddpm_eqx.config import Config
 
     scored = []
-    monkeypatch.setattr(ev, "inception_metrics", lambda cfg, images, weights, seed: scored.append(images) or {})
+    monkeypatch.setattr(ev, "inception_metrics", lambda cfg, images, weights, **_: scored.append(images) or {})
     images = np.random.default_rng(0).uniform(-1.2, 1.2, (3, 1, 4, 4)).astype(np.float32)
     ev.evaluate_images(Config(), images, metric="inception")
     levels = (scored[0] + 1.0) * 127.5
@@ -230,6 +235,10 @@ def test_the_inception_reference_cache_is_keyed_by_the_weights_and_a_torn_one_is
     cache = ev.cache_dir(cfg) / "inception_reference.npz"
     cache.write_bytes(cache.read_bytes()[:100])  # torn by a kill mid-write
     assert ev.inception_metrics(cfg, reference, str(weights["b"]))["fid"] == pytest.approx(0, abs=1e-6)
+    # `eval --reference`: the statistics of another number of training images are another cache entry.
+    for count, images in ((20, ev.reference_images(cfg, reference=20)), (None, reference)):
+        scores = ev.inception_metrics(cfg, images, str(weights["b"]), reference=count)
+        assert scores["reference_images"] == len(images) and scores["fid"] == pytest.approx(0, abs=1e-6), count
 
 
 def test_non_finite_samples_are_not_scored_as_black_images() -> None:

@@ -205,7 +205,8 @@ def train_classifier(
     optimizer = _make_optimizer(hp, hp.epochs * steps_per_epoch)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     for epoch in range(hp.epochs):
-        order = jr.permutation(jr.fold_in(shuffle_key, epoch), images.shape[0])
+        # Host indices: iterating over a device array dispatches a slice per batch (~7 ms of a ~26 ms step here).
+        order = np.asarray(jr.permutation(jr.fold_in(shuffle_key, epoch), images.shape[0]))
         for batch_idx in order[: steps_per_epoch * batch].reshape(steps_per_epoch, batch):
             model, opt_state, _ = _train_step(model, opt_state, optimizer, images, labels, batch_idx)
     return model, accuracy(model, to_model_layout(test_images), test_labels)

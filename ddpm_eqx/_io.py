@@ -14,3 +14,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of ``err``'s message, cut at ``limit`` characters: its reason in a one-line error."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]

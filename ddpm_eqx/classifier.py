@@ -12,8 +12,10 @@ Images in: float32 [N, C, H, W] in [-1, 1] (the diffusion model's layout). Train
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -27,8 +29,10 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped, UInt8
 
-from ddpm_eqx._io import write_text_atomic
+from ddpm_eqx._io import first_line, write_text_atomic
 from ddpm_eqx.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 """Bumped when the architecture or the files change, so stale caches are retrained, not misread."""
@@ -171,7 +175,7 @@ def _train_step(
     optimizer: optax.GradientTransformation,
     images: Float[Array, "n c h w"],
     labels: Int[Array, " n"],
-    batch_idx: Int[Array, " b"],
+    batch_idx: Int[Array | np.ndarray, " b"],  # host indices in (a device array's rows are dispatched slices)
 ) -> tuple[Classifier, optax.OptState, Float[Array, ""]]:
     """One Adam step on images[batch_idx]. A plain jitted step, not lax.scan: on XLA:CPU the conv gradients inside
     a scan ran ~20x slower than the same step dispatched from Python (jax 0.10.2, 2 cores)."""
@@ -268,10 +272,16 @@ def _classifier_dir(cache_dir: str | os.PathLike[str], dataset_name: str) -> Pat
 
 
 def save_classifier(directory: str | os.PathLike[str], classifier: Classifier, info: ClassifierInfo) -> None:
-    """Weights via eqx.tree_serialise_leaves plus `classifier.json`; the JSON is written last and marks completion."""
+    """Weights via eqx.tree_serialise_leaves plus `classifier.json`; the JSON is written last and marks completion.
+
+    A classifier cached before is unmarked first, so that a save killed half-way (or two evaluations saving at
+    once) never leaves its JSON beside other weights; each file is written whole (a temporary file renamed)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    eqx.tree_serialise_leaves(out / "classifier.eqx", classifier)
+    (out / "classifier.json").unlink(missing_ok=True)
+    tmp = out / f".classifier.eqx.{os.getpid()}.tmp"
+    eqx.tree_serialise_leaves(tmp, classifier)
+    os.replace(tmp, out / "classifier.eqx")
     write_text_atomic(out / "classifier.json", info.to_json())
 
 
@@ -299,9 +309,14 @@ def load_or_train_classifier(
     """
     directory = _classifier_dir(cache_dir, dataset_name)
     if (directory / "classifier.json").is_file():
-        classifier, info = load_classifier(directory)
-        if info.hyperparams == hyperparams and info.cache_format == CACHE_FORMAT:
-            return classifier, info
+        try:
+            classifier, info = load_classifier(directory)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError) as e:  # damaged: trained again
+            log.warning("the cached classifier in %s is unreadable (%s: %s); training it again", directory,
+                        type(e).__name__, first_line(e, 160))
+        else:
+            if info.hyperparams == hyperparams and info.cache_format == CACHE_FORMAT:
+                return classifier, info
     data = LabelledSplits(*get_data())
     num_classes = int(max(data.train_labels.max(), data.test_labels.max())) + 1
     start = time.perf_counter()
@@ -351,14 +366,17 @@ def reference_statistics(
     fingerprint = _fingerprint(classifier, images)
     path = Path(cache_path) if cache_path is not None else None
     if path is not None and path.is_file():
-        with np.load(path) as cached:
-            if str(cached["fingerprint"]) == fingerprint:
-                return FeatureReference(cached["mu"], cached["sigma"], cached["features"])
+        try:
+            with np.load(path) as cached:
+                if str(cached["fingerprint"]) == fingerprint:
+                    return FeatureReference(cached["mu"], cached["sigma"], cached["features"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: computed again
+            pass
     features = classifier_features(classifier, images, batch_size=batch_size)
     reference = FeatureReference(*feature_statistics(features), features)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # per process: two evaluations may write at once
         np.savez(tmp, fingerprint=fingerprint, **reference._asdict())
         tmp.replace(path)
     return reference

@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from ddpm_eqx._io import write_text_atomic
+from ddpm_eqx._io import first_line, write_text_atomic
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -46,11 +46,6 @@ _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a 
 
 class DataError(ValueError):
     """Unusable data or settings; the one-line message says what to do (re-exported by ``data``)."""
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """The first line of ``err``'s message, cut at ``limit`` characters: its reason in a one-line error."""
-    return (str(err).strip().splitlines() or [""])[0][:limit]
 
 
 def safe_name(text: str) -> str:

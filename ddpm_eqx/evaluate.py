@@ -96,7 +96,8 @@ class ClassifierMetric:
 
         self.classifier, self.info = load_or_train_classifier(directory, Path(cfg.data.dataset).name, get_data)
         self.reference: FeatureReference = reference_statistics(
-            self.classifier, reference_images(cfg, *decoded, reference=reference), cache_path=directory / "classifier_reference.npz"
+            self.classifier, reference_images(cfg, *decoded, reference=reference),
+            cache_path=directory / "classifier_reference.npz",
         )
 
     def __call__(self, images: Float[np.ndarray, "n c h w"], *, seed: int = 0) -> dict[str, float]:
@@ -239,8 +240,8 @@ def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric
                     reference: int | None = REFERENCE_EXAMPLES) -> dict[str, Any]:
     """All requested metrics of ``images`` (model layout, [-1, 1]), with what they were measured against: the
     reference images (``reference_images`` of the train split: a fixed random subset where it has more than
-    ``reference``, the whole split for ``None``), KID's subset size and each distance's feature dimension. With ``metric="all"``
-    unusable Inception weights are reported under ``"fid_unavailable"`` instead of failing."""
+    ``reference``, the whole split for ``None``), KID's subset size and each distance's feature dimension. With
+    ``metric="all"`` unusable Inception weights are reported under ``"fid_unavailable"`` instead of failing."""
     results: dict[str, Any] = {}
     images = as_scored(images)
     if metric in ("classifier", "all"):

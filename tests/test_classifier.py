@@ -123,6 +123,10 @@ def test_reference_statistics_cache(
     np.testing.assert_array_equal(first.sigma, again.sigma)
     other = clf.reference_statistics(trained[0], test_images[500:1000], cache_path=path)  # stale: recomputed
     assert not np.array_equal(other.mu, first.mu)
+    path.write_bytes(path.read_bytes()[:300])  # damaged (a disk error; every write is a renamed whole file)
+    redone = clf.reference_statistics(trained[0], test_images[500:1000], cache_path=path)
+    np.testing.assert_array_equal(redone.sigma, other.sigma)
+    assert clf.reference_statistics(trained[0], test_images[500:1000], cache_path=path).mu.tobytes() == other.mu.tobytes()
 
 
 def test_fd_of_held_out_real_images_is_small_and_noise_is_far_worse(
@@ -173,3 +177,44 @@ def test_a_split_smaller_than_a_batch_trains_on_it_whole() -> None:
     hp = clf.ClassifierHyperparams(width=8, feature_dim=8, epochs=30, learning_rate=1e-2)
     _, accuracy = clf.train_classifier(images, labels, images, labels, num_classes=2, hyperparams=hp)
     assert accuracy == 1.0  # two classes a constant apart: learnt, so it did train
+
+
+def _two_classes() -> clf.LabelledSplits:
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = np.where(labels[:, None, None, None] == 1, 200, 30).astype(np.uint8) * np.ones((40, 8, 8, 1), np.uint8)
+    images = np.clip(images + rng.integers(0, 20, images.shape), 0, 255).astype(np.uint8)
+    return clf.LabelledSplits(images, labels, images, labels)
+
+
+def test_a_damaged_cached_classifier_is_trained_again_and_a_failed_save_leaves_no_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Torn weights beside a valid classifier.json failed every later evaluation of the dataset; and a save over a
+    cached classifier (other hyperparameters) that died half-way left the old JSON beside the new, torn, weights."""
+    hp = clf.ClassifierHyperparams(width=8, feature_dim=8, epochs=2, learning_rate=1e-2)
+    trainings = []
+
+    def data() -> clf.LabelledSplits:
+        trainings.append(1)
+        return _two_classes()
+
+    first, info = clf.load_or_train_classifier(tmp_path, "two", data, hyperparams=hp)
+    folder = tmp_path / "classifier_two"
+    (folder / "classifier.eqx").write_bytes((folder / "classifier.eqx").read_bytes()[:50])
+    again, info_again = clf.load_or_train_classifier(tmp_path, "two", data, hyperparams=hp)
+    assert len(trainings) == 2 and info_again.test_accuracy == info.test_accuracy
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(first), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same training, read back whole
+
+    def dies_half_way(path: Path, tree: object) -> None:  # a full disk, or a kill, mid-write
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(clf.eqx, "tree_serialise_leaves", dies_half_way)
+        with pytest.raises(OSError):
+            clf.save_classifier(folder, again, info_again)
+    assert not (folder / "classifier.json").exists()  # nothing claims the folder holds a complete classifier
+    clf.load_or_train_classifier(tmp_path, "two", data, hyperparams=hp)
+    assert len(trainings) == 3

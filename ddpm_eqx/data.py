@@ -356,7 +356,9 @@ def _decode(read: _ReadRecords, ids: np.ndarray, num_workers: int, what: str) ->
     chunk = 256
     images = np.empty((len(ids), read.image_size, read.image_size, read.channels), np.uint8)
     labels = np.empty((len(ids),), np.int32)
-    it = _iterate(grain.MapDataset.source(ids).batch(chunk).map(read), num_workers, prefetch=2 * (num_workers > 0))
+    # One source element a chunk of ids: a source of single ids costs a Grain __getitem__ (and its metrics) each.
+    chunks = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
+    it = _iterate(grain.MapDataset.source(chunks).map(read), num_workers, prefetch=2 * (num_workers > 0))
     with tqdm.tqdm(total=len(ids), desc=f"Decoding {what}", unit=" images", disable=None) as bar:
         for i, (x, y) in enumerate(it):
             images[i * chunk : i * chunk + len(y)], labels[i * chunk : i * chunk + len(y)] = x, y

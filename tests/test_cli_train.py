@@ -2,6 +2,7 @@
 metrics, samples, resume, exact resume after SIGKILL, SIGTERM, override errors, sample."""
 
 import json
+import re
 import os
 import signal
 import shutil
@@ -327,6 +328,37 @@ def test_a_config_sized_for_accelerators_is_a_global_batch_of_256_on_a_cpu():
 
     assert undersized_machine(apply_overrides(Config(), ["data.batch_size=256"]))  # this machine has a CPU only
     assert not undersized_machine(apply_overrides(Config(), ["data.batch_size=128"]))
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_fit_in_memory_is_one_line_before_it_runs(fashion_mnist_data_dir, tmp_path, monkeypatch):
+    """The seed's config (batch 1024) on a 24 GiB CPU machine: the kernel killed the process at the first step, with
+    no message. XLA's estimate of the step's temporaries is checked against the memory available first (here the
+    machine is made to have 1 MiB available: the tiny step needs more)."""
+    import psutil
+    from typer.testing import CliRunner
+
+    import cli
+    import ddpm_eqx.step
+    from _cli import in_process_sets
+
+    checked = []
+    real_check = ddpm_eqx.step.check_fits_in_memory
+    monkeypatch.setattr(ddpm_eqx.step, "check_fits_in_memory", lambda *a: checked.append(1) or real_check(*a))
+    memory = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory._replace(available=2**20))
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --host-devices would edit it
+    monkeypatch.setenv("DDPM_EQX_TRACE_CACHE", "0")  # the disk-full tests' program, not an exported one
+    workdir = tmp_path / "big"
+    sets = in_process_sets(fashion_mnist_data_dir)
+    result = CliRunner().invoke(cli.app, ["train", "--dataset", "fashion_mnist", "--workdir", str(workdir),
+                                          *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 1 and checked == [1], result.output[-2000:]
+    last = result.output.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: out of memory with data\.batch_size=8 \(RESOURCE_EXHAUSTED: the train step needs "
+                        r"\d+\.\d GiB of memory, 0\.0 GiB are available\); lower it with --set data\.batch_size=N; "
+                        r"checkpoints are untouched", last), last
+    assert not any((workdir / "checkpoints").glob("*")) and not (workdir / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

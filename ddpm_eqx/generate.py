@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from ddpm_eqx._types import Keys
 from ddpm_eqx.diffusion import GaussianDiffusion
-from ddpm_eqx.parallel import AXIS, P, batch_sharded, gather, replicate, split_global
+from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_fits_in_memory, gather, replicate, split_global
 from ddpm_eqx.sample import Sampler, sample
 from ddpm_eqx.trace_cache import stored_program
 
@@ -66,6 +66,7 @@ class ShardedSampler:
                                        "eta": eta, "guidance": guidance, "conditional": conditional,
                                        "return_path": return_path})
         self._stored: dict[Any, Callable[..., Any]] = {}
+        self._checked: set[Any] = set()  # the signatures whose memory check passed (check_fits_in_memory)
 
     def __call__(
         self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None
@@ -83,6 +84,7 @@ class ShardedSampler:
 
     def _run(self, *args: Any) -> Any:
         if self._trace_cache is None:
+            self._check_memory(self._fn, args)
             return self._fn(*args)
         # The stored program takes each input where its spec puts it (jit would move an uncommitted key array
         # itself; an exported program is called with the shardings it was exported with).
@@ -100,9 +102,18 @@ class ShardedSampler:
                                      directory=self._trace_cache)
             if program is None:
                 self._trace_cache = None
-                return self._fn(*args)
+                return self._run(*args)
+            self._check_memory(program, (leaves,))
             self._stored[signature] = program
         return program(leaves)
+
+    def _check_memory(self, program: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """:func:`check_fits_in_memory` of ``program`` once per shape of its arguments."""
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+        if signature not in self._checked:
+            check_fits_in_memory("the sampler", program, *args)
+            self._checked.add(signature)
 
     def _arguments(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None) -> tuple[Any, ...]:
         if self.conditional and labels is None:

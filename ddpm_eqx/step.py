@@ -23,7 +23,7 @@ from ddpm_eqx.config import Config, program_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.layers import FourierFeatures
 from ddpm_eqx.logging_utils import log
-from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible
+from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible, check_fits_in_memory
 from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
 from ddpm_eqx.trace_cache import stored_program
 
@@ -159,25 +159,6 @@ def make_train_step(
 StepFn = Callable[[TrainState, Images, Int[Array, " b"]], tuple[TrainState, Metrics]]
 
 
-def check_fits_in_memory(program: Any, *args: Any) -> None:
-    """On a CPU, a ``RuntimeError`` worded as XLA's own allocation failure on an accelerator (``RESOURCE_EXHAUSTED``,
-    which the CLI reports in one line) where the jitted ``program``'s temporaries for ``args`` (XLA's buffer
-    assignment, times this process's host devices: each runs its own copy) exceed the memory available now. The
-    kernel's OOM killer otherwise ends the process at its first step with no message (the seed's config, batch
-    1024 on 2 host devices: 17.7 GiB each). Its compile is the one the first call then uses (JAX's caches)."""
-    if jax.default_backend() != "cpu":
-        return
-    import psutil
-
-    analysis = program.lower(*args).compile().memory_analysis()
-    if analysis is None:
-        return
-    need = analysis.temp_size_in_bytes * len(jax.local_devices())
-    available = psutil.virtual_memory().available
-    if need > available:
-        raise RuntimeError(f"RESOURCE_EXHAUSTED: the train step needs {need / 2**30:.1f} GiB of memory, "
-                           f"{available / 2**30:.1f} GiB are available")
-
 
 class TrainStep:
     """The compiled step, with ``traces``: how often JAX traced it (a run must trace it once).
@@ -210,7 +191,7 @@ class TrainStep:
         leaves = self._arrays(everything)
         if self._program is None:
             self._program = self._build(everything, leaves, treedef, images, labels)
-            check_fits_in_memory(self._program, leaves, images, labels)
+            check_fits_in_memory("the train step", self._program, leaves, images, labels)
         new_leaves, metrics = self._program(leaves, images, labels)
         return jax.tree_util.tree_unflatten(treedef, self._merge(everything, new_leaves)), metrics
 

@@ -272,3 +272,24 @@ def test_guidance_zero_is_drawn_unconditional_not_at_one(monkeypatch):
         _draw(SampleRequest(ckpt=Path("run"), num=2, sampler="ddim", steps=2, eta=eta, guidance=guidance), cfg,
               eqx.nn.Identity())
         assert (seen["guidance"], seen["eta"]) == (guidance, eta)
+
+
+def test_a_sampler_that_cannot_fit_in_memory_is_refused_before_it_runs(monkeypatch, tmp_path):
+    """As the train step (test_cli_train.py): on a CPU the kernel killed an over-large ``--batch-size`` with no
+    message. With and without stored traces, checked once per batch shape; with the memory there, it draws."""
+    import psutil
+
+    process = _process(schedule="cosine", T=10)
+    oracle = GaussianOracle(process.alphas_cumprod, 0.0, 0.5, "pred_noise")
+    keys = jax.random.split(jax.random.key(0), 4)
+    memory = psutil.virtual_memory()
+    for folder in (None, tmp_path / "traces"):
+        draw = ShardedSampler(process, oracle, (1, 4, 4), make_mesh(), trace_cache=folder, determines="oracle")
+        with monkeypatch.context() as m:
+            m.setattr(psutil, "virtual_memory", lambda: memory._replace(available=0))
+            with pytest.raises(RuntimeError, match=r"^RESOURCE_EXHAUSTED: the sampler needs \d+\.\d GiB of memory, "
+                                                   r"0\.0 GiB are available$"):
+                draw(oracle, keys)
+        images = draw(oracle, keys)
+        assert images.shape == (4, 1, 4, 4) and np.isfinite(images).all()
+        np.testing.assert_array_equal(draw(oracle, keys), images)

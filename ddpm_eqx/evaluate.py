@@ -188,7 +188,7 @@ def inception_metrics(cfg: Config, images: Float[np.ndarray, "n c h w"], weights
 
     model, weights_path = _load_weights(weights)
     with open(weights_path, "rb") as f:  # streamed: ~95 MB
-        key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{reference or 'all'}"
+        key = f"{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}-{'all' if reference is None else reference}"
     path = cache_dir(cfg) / "inception_reference.npz"
     cached = None
     try:

@@ -66,7 +66,7 @@ class ShardedSampler:
                                        "eta": eta, "guidance": guidance, "conditional": conditional,
                                        "return_path": return_path})
         self._stored: dict[Any, Callable[..., Any]] = {}
-        self._checked: set[Any] = set()  # the signatures whose memory check passed (check_fits_in_memory)
+        self._checked: set[Any] = set()  # argument signatures of ``_fn`` whose memory check passed
 
     def __call__(
         self, model: Any, keys: Keys, labels: Int[Array, " b"] | None = None
@@ -84,7 +84,7 @@ class ShardedSampler:
 
     def _run(self, *args: Any) -> Any:
         if self._trace_cache is None:
-            self._check_memory(self._fn, args)
+            self._check_memory(args)
             return self._fn(*args)
         # The stored program takes each input where its spec puts it (jit would move an uncommitted key array
         # itself; an exported program is called with the shardings it was exported with).
@@ -103,16 +103,16 @@ class ShardedSampler:
             if program is None:
                 self._trace_cache = None
                 return self._run(*args)
-            self._check_memory(program, (leaves,))
+            check_fits_in_memory("the sampler", program, leaves)  # once per program, as it is built
             self._stored[signature] = program
         return program(leaves)
 
-    def _check_memory(self, program: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        """:func:`check_fits_in_memory` of ``program`` once per shape of its arguments."""
+    def _check_memory(self, args: tuple[Any, ...]) -> None:
+        """:func:`check_fits_in_memory` of ``_fn`` (the program without stored traces) once per shape of ``args``."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
         if signature not in self._checked:
-            check_fits_in_memory("the sampler", program, *args)
+            check_fits_in_memory("the sampler", self._fn, *args)
             self._checked.add(signature)
 
     def _arguments(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None) -> tuple[Any, ...]:

@@ -170,16 +170,13 @@ def test_wrong_image_shape_is_rejected(trained: tuple[clf.Classifier, clf.Classi
 def test_a_split_smaller_than_a_batch_trains_on_it_whole() -> None:
     """A labelled dataset under 128 images (the classifier's batch) trained zero steps and crashed optax's
     schedule (decay_steps=0) at the first evaluation of a run: it is one batch an epoch."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(40) % 2
-    images = np.where(labels[:, None, None, None] == 1, 200, 30).astype(np.uint8) * np.ones((40, 8, 8, 1), np.uint8)
-    images = np.clip(images + rng.integers(0, 20, images.shape), 0, 255).astype(np.uint8)
     hp = clf.ClassifierHyperparams(width=8, feature_dim=8, epochs=30, learning_rate=1e-2)
-    _, accuracy = clf.train_classifier(images, labels, images, labels, num_classes=2, hyperparams=hp)
+    _, accuracy = clf.train_classifier(*_two_classes(), num_classes=2, hyperparams=hp)
     assert accuracy == 1.0  # two classes a constant apart: learnt, so it did train
 
 
 def _two_classes() -> clf.LabelledSplits:
+    """40 8x8 images of two classes a constant apart (plus noise); the test split is the train split."""
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 2
     images = np.where(labels[:, None, None, None] == 1, 200, 30).astype(np.uint8) * np.ones((40, 8, 8, 1), np.uint8)

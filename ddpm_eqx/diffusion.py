@@ -100,7 +100,8 @@ class GaussianDiffusion(eqx.Module):
         self.sqrt_alphas_cumprod = _f32(np.sqrt(alphas_cumprod))
         self.sqrt_one_minus_alphas_cumprod = _f32(np.sqrt(1.0 - alphas_cumprod))
         self.posterior_variance = _f32(posterior_variance)
-        # The variance is 0 at t = 0: clip before the log, as Ho et al.'s code does.
+        # The variance is 0 at t = 0: clipped before the log, as lucidrains' code does (Ho et al.'s takes t = 1's);
+        # the samplers add no noise at t = 0, so only the log is affected.
         self.posterior_log_variance_clipped = _f32(np.log(np.maximum(posterior_variance, 1e-20)))
         self.posterior_mean_coef1 = _f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         self.posterior_mean_coef2 = _f32((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))

@@ -192,9 +192,14 @@ def _config_file_of(dataset: str) -> Optional[Path]:
 
 
 def _absolute_if_path(dataset: str) -> str:
-    """A dataset that names an existing file or folder as its absolute path; a TFDS name as it is."""
+    """A dataset that names an existing file or folder as its absolute path; a TFDS name as it is (also where a
+    folder of that name is here: ``data_prepare.names_a_path``)."""
     path = Path(dataset).expanduser()
-    return str(path.resolve()) if path.exists() else dataset
+    if not path.exists():
+        return dataset
+    from ddpm_eqx.data_prepare import names_a_path  # TFDS's registry: only for a name that exists as a path
+
+    return str(path.resolve()) if names_a_path(dataset) else dataset
 
 
 def _config_differences(old: dict, new: dict) -> list[str]:
@@ -527,7 +532,9 @@ def sample(
     ckpt: Annotated[Path, typer.Option(help="A run folder, its checkpoints/ folder, or one checkpoints/<step>")],
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: newest)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Image grid, .png/.jpg/.jpeg/.webp (default: <run>/samples/sample_<step>_<sampler><steps>[_<options>]_seed<seed>.png)")] = None,
-    npz: Annotated[Optional[Path], typer.Option(help="Also write the raw images (uint8 NHWC) here")] = None,
+    npz: Annotated[Optional[Path], typer.Option(
+        help="Also write the raw images here (uint8 NHWC 'image', and 'label' for a class-conditional model; "
+             "an .npz --dataset imports)")] = None,
     num: Annotated[int, typer.Option(min=1, help="Images to draw")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per sampler call (lower it for memory)")] = 64,
     sampler: Annotated[Optional[str], typer.Option(

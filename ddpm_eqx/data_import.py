@@ -40,7 +40,7 @@ _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N",
 # Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
 # orientation applied; 5, grey images with transparency composited on white (as colour ones were), and the size in
 # the features where all images share one. .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
-_FORMAT_VERSION = {"images": "5", "npz": "3"}
+_FORMAT_VERSION = {"images": "6", "npz": "3"}
 _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
 
@@ -313,7 +313,10 @@ def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
         im = ImageOps.exif_transpose(opened)  # a camera's orientation tag: stored upright (a copy where rotated)
         if im.mode.startswith("I"):
             # 16-bit grey (PIL opens 16-bit PNGs as I;16, or I in older versions): convert clips it at 255.
-            scaled = np.rint(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
+            values = np.asarray(im, np.float64)
+            scaled = np.rint(values / 257).clip(0, 255).astype(np.uint8)
+            if "transparency" in im.info:  # the grey value that stands for transparent: white, as below
+                scaled[values == im.info["transparency"]] = 255
             return PILImage.fromarray(scaled, "L").convert(mode)
         if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:  # composite on white
             background = PILImage.new("RGBA", im.size, (255, 255, 255, 255))
@@ -336,14 +339,19 @@ def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
         if split in by_split:
             raise DataError(f"{by_split[split].name} and {p.name} would both be the {split!r} split of {root}")
         by_split[split] = p
-    shapes, num_classes = set(), 1
+    shapes, num_classes, unlabelled = set(), 1, []
     for p in by_split.values():
         image, label = _checked_arrays(p)
         shapes.add(image.shape[1:3] + (image.shape[3] if image.ndim == 4 else 1,))
         if label is not None:
             num_classes = max(num_classes, int(label.max()) + 1)
+        else:
+            unlabelled.append(p.name)
     if len(shapes) != 1:
         raise DataError(f"the .npz files of {root} have different image shapes: {sorted(shapes)}")
+    if unlabelled and len(unlabelled) < len(by_split):  # its images would all be class 0 of a labelled dataset
+        raise DataError(f"{_some(unlabelled)} in {root} have no 'label' array where the other .npz files have one; "
+                        "add labels to every file, or remove them from all")
 
     def make(p: Path) -> Any:
         def generate() -> Iterator[tuple[int, dict[str, Any]]]:

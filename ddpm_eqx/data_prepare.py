@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -142,14 +143,28 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return (Path(builder.data_dir) / "dataset_info.json").exists() and builder.is_prepared()
 
 
+def names_a_path(name: str) -> bool:
+    """Whether ``data.dataset`` names a file or folder rather than a TFDS dataset: it exists, and is not a bare
+    TFDS name (``fashion_mnist``, ``mnist:3.*``) that TFDS knows. A registered name wins over a folder of the same
+    name in the working directory (a run's stored config means the dataset it trained on): ``./fashion_mnist``
+    names the folder."""
+    if not Path(name).expanduser().exists():
+        return False
+    registered = tfds.list_builders(with_community_datasets=False)
+    return not (_TFDS_NAME.fullmatch(name) and re.split("[/:]", name)[0] in registered)
+
+
 def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.DatasetBuilder:
     """The builder of ``cfg.dataset``, prepared (or imported) first when needed."""
     name, data_dir = cfg.dataset, data_dir_of(cfg)
     path = Path(name).expanduser()
-    if path.exists() or not _TFDS_NAME.fullmatch(name):
+    if names_a_path(name) or not _TFDS_NAME.fullmatch(name):
         if not path.exists():
             raise DataError(f"dataset {name!r}: no such file or folder (nor a TFDS name; see {_CATALOG})")
         return tfds.builder_from_directory(str(import_path(path, data_dir)))
+    if path.exists():
+        print(f"note: data.dataset={name!r} is the TFDS dataset, not the folder {name}/ here (./{name} names that)",
+              file=sys.stderr, flush=True)
     builder = _tfds_builder(name, data_dir)
     feature_keys(builder)  # a dataset without images fails here, before any download
     if not _is_prepared(builder):

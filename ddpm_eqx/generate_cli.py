@@ -198,7 +198,11 @@ def run_sample(req: SampleRequest) -> list[Path]:
     written = [save_grid(images, out)]
     if req.npz is not None:
         req.npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(req.npz, image=to_uint8(images), label=np.asarray(labels) if labels is not None else -1)
+        # What `--dataset` imports: no label array for an unconditional model (a scalar -1 was refused there).
+        if labels is None:
+            np.savez_compressed(req.npz, image=to_uint8(images))
+        else:
+            np.savez_compressed(req.npz, image=to_uint8(images), label=np.asarray(labels))
         written.append(req.npz)
     if req.trajectory is not None:
         tracer = ShardedSampler(setup.process, setup.model, setup.shape, setup.mesh, return_path=True,

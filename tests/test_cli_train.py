@@ -122,6 +122,14 @@ def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, t
         if name == "b":  # the same sampler as a's: read from where a's process stored it, not traced again
             assert f"sampler read from {Path(env['JAX_COMPILATION_CACHE_DIR']) / 'ddpm_eqx_traces'}" in proc.stderr
     assert outs[0].shape == (6, 8, 8, 1) and outs[0].dtype == np.uint8
+    from ddpm_eqx.config import DataConfig
+    from ddpm_eqx.data import load_split_array
+
+    with np.load(tmp_path / "a.npz") as arrays:  # an unconditional model's: no labels (a scalar -1 was refused)
+        assert arrays.files == ["image"]
+    imported, _ = load_split_array(DataConfig(dataset=str(tmp_path / "a.npz"), data_dir=str(tmp_path / "tfds"),
+                                              image_size=8), "train")
+    np.testing.assert_array_equal(imported, outs[0])  # the samples as a dataset (to train on, or score)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
 

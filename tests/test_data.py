@@ -452,6 +452,21 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     np.testing.assert_array_equal(images[0, :, :, 0], np.rint(ramp / 257).astype(np.uint8))
 
 
+def test_a_16_bit_grey_image_with_a_transparent_value_is_white_there(tmp_path: Path) -> None:
+    """The 16-bit branch ran before the transparency one: its transparent pixels stayed black (8-bit: white)."""
+    folder = tmp_path / "keyed"
+    folder.mkdir()
+    values = np.zeros((8, 8), np.uint16)
+    values[:4] = 65535  # top half white, bottom half the transparent value 0
+    Image.fromarray(values).save(folder / "a16.png", transparency=0)
+    Image.fromarray((values // 257).astype(np.uint8)).save(folder / "b8.png", transparency=0)
+    with Image.open(folder / "a16.png") as im:
+        assert im.mode.startswith("I") and im.info["transparency"] == 0
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=8, channels=1)
+    images, _ = load_split_array(cfg, "train")
+    np.testing.assert_array_equal(images[..., 0], np.full((2, 8, 8), 255))
+
+
 def test_npz_rgb_cifar(tmp_path: Path, shared_file: Callable[..., Path]) -> None:
     path = shared_file("cifar10_jpeg", "cifar10_jpeg_test.npz")
     with np.load(path) as npz:
@@ -487,6 +502,45 @@ def test_npz_folder_splits_and_no_labels(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(DataError, match="no 'image' array"):
         prepare_dataset(dataclasses.replace(cfg, dataset=str(tmp_path / "bad.npz")))
     assert not list(tmp_path.glob("tmp*tfds"))
+
+
+def test_npz_files_with_labels_in_some_splits_only_are_refused(tmp_path: Path) -> None:
+    """The split without a label array got label 0 for every image of a dataset counted as labelled."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    np.savez(folder / "train.npz", image=np.zeros((20, 6, 6), np.uint8))
+    np.savez(folder / "test.npz", image=np.zeros((10, 6, 6), np.uint8), label=np.arange(10))
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=6, batch_size=5)
+    with pytest.raises(DataError, match=r"^train.npz in .*mixed have no 'label' array where the other .npz files "
+                                        r"have one; add labels to every file, or remove them from all$"):
+        prepare_dataset(cfg)
+    np.savez(folder / "train.npz", image=np.zeros((20, 6, 6), np.uint8), label=np.arange(20) % 10)
+    assert prepare_dataset(cfg).num_classes == 10
+
+
+def test_a_tfds_name_is_the_tfds_dataset_even_where_a_folder_here_has_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`data prepare fashion_mnist --manual-dir fashion_mnist` (archives kept in ./fashion_mnist) imported the
+    archives' folder as images; `eval` of a fashion_mnist run from there scored against that folder."""
+    import cli
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("fashion_mnist", "my_images"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / name / "x.png")
+    tfds_dir = str(tmp_path / "tfds")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):  # TFDS's archives, not the folder's image
+        prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=tfds_dir), download=False)
+    assert "note: data.dataset='fashion_mnist' is the TFDS dataset, not the folder fashion_mnist/ here" in (
+        capsys.readouterr().err)
+    assert prepare_dataset(DataConfig(dataset="./fashion_mnist", data_dir=tfds_dir, image_size=6)).splits == {
+        "train": 1}
+    assert prepare_dataset(DataConfig(dataset="my_images", data_dir=tfds_dir, image_size=6)).splits == {"train": 1}
+    assert cli._absolute_if_path("fashion_mnist") == "fashion_mnist"
+    assert cli._absolute_if_path("./fashion_mnist") == str(tmp_path / "fashion_mnist")
+    assert cli._absolute_if_path("my_images") == str(tmp_path / "my_images")
+    assert cli._absolute_if_path("mnist") == "mnist"  # no such folder
 
 
 # --- errors, fast and offline --------------------------------------------------------------------

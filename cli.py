@@ -305,16 +305,10 @@ def _checkpoint_steps(workdir: Path) -> set[str]:
 
 
 def _trained_config(workdir: Path, steps: set[str] | None = None) -> Optional[dict]:
-    """The config the run's newest checkpoint was trained with (its ``meta``, Orbax's JSON item, read as the
-    file it is: no JAX needed), or None where no checkpoint has a readable one."""
-    for step in sorted(map(int, _checkpoint_steps(workdir) if steps is None else steps), reverse=True):
-        try:
-            config = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(config, dict):
-            return config
-    return None
+    """The config the run's newest checkpoint was trained with, or None where no checkpoint has a readable one."""
+    from ddpm_eqx.config import trained_config_dict
+
+    return trained_config_dict(workdir, None if steps is None else map(int, steps))
 
 
 def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # noqa: ANN001
@@ -615,12 +609,11 @@ def eval_(
                             steps=steps, eta=eta, seed=seed, guidance=guidance, default_steps=100,
                             trace_cache=trace_cache.default_directory())
     try:
-        from ddpm_eqx.config import from_json
         from ddpm_eqx.evaluate import check_metrics_available, evaluate_images, small_sample_warning
-        from ddpm_eqx.generate_cli import check_request, resolve_step
+        from ddpm_eqx.generate_cli import check_request, checkpoint_config, resolve_step
 
-        run = resolve_step(ckpt, step)[0]  # what would fail after the sampling (or the data's preparation), first
-        stored = from_json((run / "config.json").read_text())
+        run, _, named = resolve_step(ckpt, step)  # what would fail after the sampling (or the data's preparation), first
+        stored = checkpoint_config(run, named)
         check_request(request, stored)
         scored = check_metrics_available(stored, metric, fid_weights)  # type: ignore[arg-type]
         if (warning := small_sample_warning(num, scored)) is not None:

@@ -337,14 +337,26 @@ class Checkpointer:
             log.info("checkpoint %s/%d has OIHW convolution kernels (an older ddpm-eqx); converting them to HWIO",
                      self.directory, step)
             target, convert = legacy, kernels_from_oihw
+        # Read in the stored tree's own structure, each array as the target's at its path, then placed by path:
+        # the skeleton may differ from it where it holds no arrays (a Dropout module where the run had none, after
+        # `--force --set model.dropout=...`), which Orbax would take for a damaged checkpoint.
+        wanted, stored_flat = ocp.tree.to_flat_dict(target), ocp.tree.to_flat_dict(metadata)
+        if set(wanted) != set(stored_flat):
+            missing = sorted(set(wanted) - set(stored_flat)) or sorted(set(stored_flat) - set(wanted))
+            raise _ShapeMismatch(f"the arrays are stored under other names, e.g. {'/'.join(missing[0])}")
+        as_stored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(metadata),
+                                                 [wanted[k] for k in stored_flat])
         result = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+                state=ocp.args.PyTreeRestore(
+                    as_stored, restore_args=ocp.checkpoint_utils.construct_restore_args(as_stored)),
                 data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
-        state = eqx.combine(result.state if convert is None else convert(result.state), static)
+        by_path = ocp.tree.to_flat_dict(result.state)
+        arrays = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), [by_path[k] for k in wanted])
+        state = eqx.combine(arrays if convert is None else convert(arrays), static)
         return (state if to_current is None else to_current(state)), dict(result.data or {}), dict(result.meta)
 
     def _metadata(self, step: int) -> PyTree:

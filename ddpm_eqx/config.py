@@ -354,6 +354,24 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def trained_config_dict(run: Path, steps: typing.Iterable[int] | None = None) -> dict[str, Any] | None:
+    """The config the newest of ``steps`` (default: every checkpoint of the run folder ``run``) was trained with,
+    from its ``meta`` (Orbax's JSON item, read as the file it is: no JAX needed); None where none has a readable
+    one. It, not ``config.json``, is what a checkpoint was trained with: a later ``--force`` start (or one
+    killed before it saved) rewrites ``config.json``."""
+    folder = run / "checkpoints"
+    if steps is None:
+        steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    for step in sorted(steps, reverse=True):
+        try:
+            config = json.loads((folder / str(step) / "meta" / "metadata").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of ``to_dict``; unknown keys are an error (a config from another version). A stored config is
     held to the checks against values that would fail, not to those against options that would do nothing,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx.checkpoint import CheckpointError, Checkpointer
-from ddpm_eqx.config import Config, from_json, program_json
+from ddpm_eqx.config import Config, from_dict, from_json, program_json, trained_config_dict
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid, save_trajectory, to_uint8
 from ddpm_eqx.logging_utils import log, setup_logging
@@ -106,21 +106,45 @@ def resolve_step(ckpt: Path, step: int | None = None) -> tuple[Path, Path, int |
     return run, ckpt_dir, step
 
 
+def _trained(stored: dict[str, Any] | None, fallback: Config) -> Config:
+    try:
+        return fallback if stored is None else from_dict(stored)
+    except (ValueError, TypeError):  # a config of another version: config.json's
+        return fallback
+
+
+def checkpoint_config(run: Path, step: int | None = None) -> Config:
+    """The config checkpoint ``step`` (None: the newest) of ``run`` was trained with, read without JAX;
+    ``config.json``'s where it names none this version reads."""
+    return _trained(trained_config_dict(run, None if step is None else [step]),
+                    from_json((run / "config.json").read_text()))
+
+
 def load_ema_model(ckpt: Path, step: int | None = None) -> tuple[Config, eqx.Module, int]:
-    """The run's config and EMA model at ``step`` (newest readable checkpoint by default)."""
+    """The config checkpoint ``step`` (the newest readable one by default) was trained with, and its EMA model.
+
+    The config is the checkpoint's own: ``config.json`` is rewritten by a ``--force`` start with another diffusion
+    (schedule, objective, ...) on the same weight shapes, whose older checkpoints must still be drawn as trained."""
     from ddpm_eqx.state import earlier_layouts, state_skeleton
 
     run, ckpt_dir, step = _named_step(ckpt, step)  # restore_latest checks that the step is there
-    cfg = from_json((run / "config.json").read_text())
-    skeleton = state_skeleton(cfg)
-    manager = Checkpointer(ckpt_dir, read_only=True)
-    try:
-        found = manager.restore_latest(skeleton, step=step, layouts=earlier_layouts(cfg, skeleton))
-    finally:
-        manager.close()  # an open manager's async machinery prints errors at interpreter exit
-    assert found is not None
-    restored_step, state, _, _ = found
-    return cfg, state.ema_model, restored_step
+
+    def restore(cfg: Config, step: int | None) -> tuple[int, Any, dict[str, Any]]:
+        skeleton = state_skeleton(cfg)
+        manager = Checkpointer(ckpt_dir, read_only=True)
+        try:
+            found = manager.restore_latest(skeleton, step=step, layouts=earlier_layouts(cfg, skeleton))
+        finally:
+            manager.close()  # an open manager's async machinery prints errors at interpreter exit
+        assert found is not None
+        return found[0], found[1], found[3]
+
+    cfg = checkpoint_config(run, step)
+    restored_step, state, meta = restore(cfg, step)
+    trained = _trained(meta.get("config"), cfg)
+    if trained.model != cfg.model:  # past an unreadable newer step of a --force start with another model.dropout
+        restored_step, state, _ = restore(trained, restored_step)
+    return trained, state.ema_model, restored_step
 
 
 def draw_images(req: SampleRequest) -> tuple[Config, np.ndarray, int]:

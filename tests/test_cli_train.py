@@ -1,6 +1,7 @@
 """End to end through the CLI on the real Fashion-MNIST (prepared offline): train, checkpoint,
 metrics, samples, resume, exact resume after SIGKILL, SIGTERM, override errors, sample."""
 
+import dataclasses
 import json
 import re
 import os
@@ -132,6 +133,47 @@ def test_sample_command_is_deterministic_and_runs_ddpm_and_ddim(reference_run, t
     np.testing.assert_array_equal(imported, outs[0])  # the samples as a dataset (to train on, or score)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax on the damaged step 8
+def test_sample_and_eval_draw_a_checkpoint_with_the_config_it_was_trained_with(reference_run, tmp_path):
+    """A --force start with another beta schedule rewrites config.json (and a kill before its first save leaves it
+    so): `sample`/`eval` of the run's checkpoints drew them with the new schedule, silently other images."""
+    import equinox as eqx
+    import jax
+    from ddpm_eqx.config import from_json, to_json
+    from ddpm_eqx.generate_cli import checkpoint_config, load_ema_model
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run[0], run)
+    trained = from_json((run / "config.json").read_text())
+    assert trained.ddpm.beta_schedule == "linear" and trained.model.dropout == 0
+    forced = dataclasses.replace(trained, ddpm=dataclasses.replace(trained.ddpm, beta_schedule="cosine"),
+                                 model=dataclasses.replace(trained.model, dropout=0.1))
+    (run / "config.json").write_text(to_json(forced))
+    assert checkpoint_config(run) == trained and checkpoint_config(run, 4) == trained
+    cfg, model, step = load_ema_model(run)
+    assert (cfg, step) == (trained, 8)
+    _, original, _ = load_ema_model(reference_run[0])
+    assert bool(eqx.tree_equal(model, original))  # dropout None: built as trained, not as config.json says
+    # Past an unreadable newest step whose config is the forced one (another dropout): step 6 as it was trained.
+    meta = run / "checkpoints" / "8" / "meta" / "metadata"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "config": json.loads(to_json(forced))}))
+    victim = max((p for p in (run / "checkpoints" / "8" / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert checkpoint_config(run) == forced
+    # A checkpoint of a model without dropout reads into one with it (Orbax took the tree's extra, array-free
+    # Dropout module for damage: `train --force --set model.dropout=0.1` failed, "is the disk damaged?").
+    from ddpm_eqx.checkpoint import Checkpointer
+    from ddpm_eqx.state import state_skeleton
+
+    restored = Checkpointer(run / "checkpoints", read_only=True).restore_latest(state_skeleton(forced), step=6)
+    assert restored is not None and restored[1].ema_model.mid_block1.block1.dropout is not None
+    cfg, model, step = load_ema_model(run)
+    assert (cfg, step) == (trained, 6)
+    assert jax.tree_util.tree_structure(model) == jax.tree_util.tree_structure(original)
 
 
 @pytest.mark.slow

@@ -93,6 +93,9 @@ def _check_output(flag: str, path: Path | None, suffixes: tuple[str, ...]) -> Pa
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         fail(f"{flag} {path}: {parent} is a file, not a folder", 2)
+    if parent is not None and not os.access(parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        fail(f"{flag} {path}: {path if path.exists() else parent} cannot be written (permissions, or a read-only "
+             "disk); give another path", 2)
     return path
 
 
@@ -217,7 +220,7 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     if isinstance(stored_dataset, str):  # stored relative before 0.3 (now absolute): the same folder is the same
         old = {**old, "data": {**old["data"], "dataset": _absolute_if_path(stored_dataset)}}
     # sampling.* draws the grids (another sampler on resume is fine) and training.eval_every's samples (whose
-    # scores along the run compare only under one sampler).
+    # scores along the run compare only under one sampler, and one training.eval_num).
     evaluated = bool(new["training"].get("eval_every") or old.get("training", {}).get("eval_every"))
     for section, values in new.items():
         if section == "wandb":  # logging only: never makes a different run
@@ -229,6 +232,10 @@ def _config_differences(old: dict, new: dict) -> list[str]:
                     continue
                 if section == "sampling" and evaluated:  # the grids' sampler, and the evaluation rows'
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sampler of training.eval_every's scores)")
+                elif f"{section}.{k}" == "training.eval_num":  # what the evaluation rows score: only with them
+                    if evaluated:
+                        diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sample count of training.eval_every's "
+                                     "scores)")
                 elif section != "sampling" and f"{section}.{k}" not in RESUMABLE_KEYS:
                     diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
                 elif k == "num_train_steps" and new["optim"].get("cosine_decay"):
@@ -565,6 +572,8 @@ def sample(
         written = run_sample(request)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0], 1)
+    except OSError as e:  # a write the check above could not foresee (a full disk)
+        fail(f"cannot write {e.filename or 'an output'} ({e.strerror or type(e).__name__}); the checkpoint is untouched", 1)
     except RuntimeError as e:
         _fail_if_out_of_memory(e, f"--batch-size {batch_size}", "lower --batch-size")
         raise

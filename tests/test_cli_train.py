@@ -270,6 +270,36 @@ def test_bad_sampler_or_metric_exit_2_with_one_line_before_jax_loads(tmp_path, a
     assert result.stderr.strip() == f"error: {message}"
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """`sample --out /sys/grid.png` sampled, then ended in a 47-line PermissionError traceback."""
+    from typer.testing import CliRunner
+
+    import cli
+    import ddpm_eqx.checkpoint
+    import ddpm_eqx.generate_cli
+
+    monkeypatch.setattr(ddpm_eqx.checkpoint, "quiet_failed_async_saves", lambda: None)  # process-wide hooks
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the CLI's device count edits it
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != locked)  # root writes anywhere
+    drawn = []
+    monkeypatch.setattr(ddpm_eqx.generate_cli, "run_sample", lambda req: drawn.append(req) or [])
+    result = CliRunner().invoke(cli.app, ["sample", "--ckpt", str(tmp_path), "--npz", str(locked / "x" / "a.npz")])
+    assert result.exit_code == 2 and not drawn, result.output
+    assert result.output.strip() == (f"error: --npz {locked / 'x' / 'a.npz'}: {locked} cannot be written "
+                                     "(permissions, or a read-only disk); give another path")
+
+    def refused(req):  # noqa: ANN001, ANN202  (what the check cannot foresee: sysfs, a full disk)
+        raise PermissionError(13, "Permission denied", "/sys/grid.png")
+
+    monkeypatch.setattr(ddpm_eqx.generate_cli, "run_sample", refused)
+    result = CliRunner().invoke(cli.app, ["sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: cannot write /sys/grid.png (Permission denied); the checkpoint is untouched"
+
+
 @pytest.mark.parametrize("args,message", [
     (["sample", "--ckpt", ".", "--num", "0"],
      "Invalid value for '--num': Input should be greater than or equal to 1 (see cli.py sample --help)"),

@@ -318,14 +318,16 @@ def _trained_config(workdir: Path, steps: set[str] | None = None) -> Optional[di
     return trained_config_dict(workdir, None if steps is None else map(int, steps))
 
 
-def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # noqa: ANN001
+def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = None) -> Callable[[], None]:  # noqa: ANN001
     """Check ``workdir`` and write ``cfg`` as its config.json. Checkpoints make it a run, whose config is the one
     its newest checkpoint was trained with (else config.json's): another config continues it only with ``force``
     and only where the train state keeps its shapes (the old file kept as config.N.json; likewise a config.json
     that said otherwise than the checkpoints, with a note); without checkpoints config.json is an attempt that
-    never saved, replaced. Fewer steps than the run has done is refused. Returns the undo for a run that fails
-    before it saves a checkpoint (a failed restore, a bad split): config.json as it was (none where there was none)."""
-    from ddpm_eqx._io import write_text_atomic
+    never saved, replaced, and so is its ``init_from.json`` (a fine-tuning start that stopped before it saved) where
+    this command names another source (``source``: --restore-from or --init-from) or another config. Fewer steps
+    than the run has done is refused. Returns the undo for a run that fails before it saves a checkpoint (a failed
+    restore, a bad split): config.json and init_from.json as they were (none where there was none)."""
+    from ddpm_eqx._io import INIT_FROM_FILE, write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
     try:
@@ -374,11 +376,28 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
             typer.echo(f"note: {path} differed from the config the newest checkpoint was trained with "
                        f"({'; '.join(edited[:5])}), which this run continues; kept as {backup}. To train with other "
                        "settings pass them with --set (another run's config: --force)", err=True)
+    origin = workdir / INIT_FROM_FILE
+    origin_text = origin.read_text() if origin.is_file() else None
+    if origin_text is not None and not steps and (source is not None or _another_attempt(text, to_dict(cfg))):
+        # A start from another run's weights that stopped before its first checkpoint: only a rerun of that
+        # attempt (its config) starts from them again; it no longer leads another config to them.
+        if source is None:
+            typer.echo(f"note: {origin} (a start from {_origin_of(origin_text)} that stopped before its first "
+                       "checkpoint) is dropped: this command's config is another; give --init-from to start from it",
+                       err=True)
+        origin.unlink()
     if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
         write_text_atomic(path, new)
 
     def undo() -> None:
-        if text != new and _checkpoint_steps(workdir) == steps:
+        if _checkpoint_steps(workdir) != steps:
+            return
+        if (origin.read_text() if origin.is_file() else None) != origin_text:
+            if origin_text is None:
+                origin.unlink(missing_ok=True)
+            else:
+                write_text_atomic(origin, origin_text)
+        if text != new:
             if text is None:  # this command's attempt, refused before it saved: no config.json to mislead the next
                 path.unlink(missing_ok=True)
                 return
@@ -387,6 +406,21 @@ def _prepare_workdir(workdir: Path, cfg, force: bool) -> Callable[[], None]:  # 
                 backup.unlink(missing_ok=True)
 
     return undo
+
+
+def _another_attempt(text: Optional[str], new: dict) -> bool:
+    """Whether ``new`` is another config than the stopped attempt's ``config.json`` (``text``)."""
+    try:
+        return text is None or bool(_config_differences(json.loads(text), new))
+    except (ValueError, AttributeError):
+        return True
+
+
+def _origin_of(text: str) -> str:
+    try:
+        return str(json.loads(text)["init_from"])
+    except (ValueError, KeyError, TypeError):
+        return "another run"
 
 
 @app.command()
@@ -488,7 +522,7 @@ def _prepare_run_folder(workdir: Path, cfg, force: bool, source: Optional[str]) 
     import jax
 
     if jax.process_count() == 1:
-        return _prepare_workdir(workdir, cfg, force)
+        return _prepare_workdir(workdir, cfg, force, source)
     from jax.experimental import multihost_utils
 
     from ddpm_eqx.config import to_json
@@ -504,7 +538,7 @@ def _prepare_run_folder(workdir: Path, cfg, force: bool, source: Optional[str]) 
     stopped: typer.Exit | None = None
     if jax.process_index() == 0:
         try:
-            undo = _prepare_workdir(workdir, cfg, force)
+            undo = _prepare_workdir(workdir, cfg, force, source)
         except typer.Exit as e:  # its one-line error is printed; the others are told below
             stopped = e
         except Exception as e:  # noqa: BLE001  (a full disk, a lock file that cannot be opened): the same

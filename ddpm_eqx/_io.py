@@ -19,3 +19,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of ``err``'s message, cut at ``limit`` characters: its reason in a one-line error."""
     return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
+INIT_FROM_FILE = "init_from.json"
+"""In a fine-tuning run's workdir: the ``--init-from`` it started from and the checkpoint step it read."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx import allocator
-from ddpm_eqx._io import write_text_atomic
+from ddpm_eqx._io import INIT_FROM_FILE, write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts, ModelMismatch
 from ddpm_eqx.config import Config, ConfigError, from_dict, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
@@ -342,9 +342,6 @@ def initial_weights(cfg: Config, skeleton: eqx.Module, init_from: str | Path, wo
             {"init_from": str(init_from), "checkpoint": str(source / str(at)), "step": at}))
     return eqx.combine(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays), weights), static)
 
-
-INIT_FROM_FILE = "init_from.json"
-"""In a fine-tuning run's workdir: the ``--init-from`` it started from and the checkpoint step it read."""
 
 ARCHITECTURE_KEYS = (*(f"model.{k}" for k in (
     "dim", "init_dim", "out_dim", "dim_mults", "resnet_block_groups", "attn_heads", "attn_dim_head", "downsample",

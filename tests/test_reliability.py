@@ -159,6 +159,42 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     assert not (tmp_path / "new" / "config.json").exists()
 
 
+def test_a_stopped_fine_tuning_start_leads_only_its_own_rerun_to_its_source(tmp_path, capsys):
+    """init_from.json, left by an --init-from start killed before its first checkpoint, made any later train in
+    that workdir (another config, no --init-from) start from that source, or fail naming an --init-from it never
+    gave ("its model is another architecture")."""
+    import cli
+    from ddpm_eqx.config import Config, apply_overrides
+
+    a = Config()
+    workdir = tmp_path / "ft"
+    origin = workdir / "init_from.json"
+    record = json.dumps({"init_from": "runs/source", "checkpoint": "runs/source/checkpoints/8", "step": 8})
+
+    def attempt() -> None:  # the killed start: its config.json and init_from.json, no checkpoint
+        cli._prepare_workdir(workdir, a, force=False, source="runs/source")
+        origin.write_text(record)
+
+    attempt()
+    cli._prepare_workdir(workdir, apply_overrides(a, ["training.num_train_steps=20000"]), force=False)  # its rerun
+    assert origin.read_text() == record and "dropped" not in capsys.readouterr().err
+    undo = cli._prepare_workdir(workdir, apply_overrides(a, ["model.dim=32"]), force=False)  # another run
+    assert not origin.exists()
+    assert capsys.readouterr().err.strip() == (
+        f"note: {origin} (a start from runs/source that stopped before its first checkpoint) is dropped: this "
+        "command's config is another; give --init-from to start from it")
+    undo()  # that run failed before it saved: the attempt is as it was
+    assert origin.read_text() == record
+    cli._prepare_workdir(workdir, a, force=False, source="runs/other")  # --restore-from or another --init-from
+    assert not origin.exists() and capsys.readouterr().err == ""
+    # A new start's init_from.json (written by the trainer) goes with its config.json when it fails before saving.
+    fresh = tmp_path / "new"
+    undo = cli._prepare_workdir(fresh, a, force=False, source="runs/source")
+    (fresh / "init_from.json").write_text(record)
+    undo()
+    assert not (fresh / "init_from.json").exists() and not (fresh / "config.json").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.init_dim=0", "model.init_dim must be positive or None"), ("model.attn_dim_head=0", "model.attn_dim_head"),
     ("model.resnet_block_groups=0", "model.resnet_block_groups must be positive"),

@@ -52,15 +52,50 @@ class TrainResult:
     traces: int
 
 
+_STOP_KEY = "ddpm_eqx/stop_after_step"
+
+
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (pre-emptible machines)."""
+    """Turns SIGTERM/SIGINT into a stop the loop makes between steps (pre-emptible machines).
+
+    The processes of a multi-process run must stop after the same step: one that stops alone waits forever in
+    its checkpoint's barrier, the others in their next step's collective, and nothing is saved (a pre-emption
+    signals a slice's hosts at different moments). The first process to see a signal names a step in JAX's
+    coordination service (its key-value store; the first writer wins), two past its own, and each process reads
+    it between steps and stops there. Two is enough: the loop waits for each step's predecessor before the next
+    step, and every step's collectives need all processes, so none is more than one step ahead of another."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.stopped = False
+        self._at: int | None = None
+        self._client = None
+        if jax.process_count() > 1:
+            from jax._src import distributed  # the client Orbax's multi-host barriers use
+
+            self._client = distributed.global_state.client
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum
+
+    def after(self, step: int) -> bool:
+        """Whether the loop stops after ``step`` (every process at the same one)."""
+        if self._client is None:
+            self.stopped = self.signal is not None
+            return self.stopped
+        if self._at is None:
+            if self.signal is not None:
+                try:
+                    self._client.key_value_set(_STOP_KEY, str(step + 2))
+                except Exception:  # noqa: BLE001  (named already: by another process, which came first)
+                    pass
+            try:
+                self._at = int(self._client.key_value_try_get(_STOP_KEY))
+            except Exception:  # noqa: BLE001  (not named: JAX raises for a missing key)
+                self._at = None
+        self.stopped = self._at is not None and step >= self._at
+        return self.stopped
 
     def restore(self) -> None:
         for s, handler in self._old.items():
@@ -141,7 +176,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     # rows keeps its steps' metrics: the first row after a resume is the uninterrupted run's).
     paused, window = 0.0, ([] if restored is None else restored[1])
     try:
-        while step < cfg.training.num_train_steps and stop.signal is None:
+        while step < cfg.training.num_train_steps and not stop.after(step):
             t_data = time.perf_counter()
             batch = next(iterator)
             data_wait += time.perf_counter() - t_data
@@ -178,8 +213,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                     writer.write_eval(step, evaluator(sampler, state))
                 paused += time.perf_counter() - t_pause
         _check_loss(pending, ckpt)
-        if stop.signal is not None and step not in ckpt.all_steps():
-            log.info("signal %d: saving a checkpoint at step %d before exiting", stop.signal, step)
+        if stop.stopped and step not in ckpt.all_steps():
+            why = f"signal {stop.signal}" if stop.signal is not None else "another process's signal"
+            log.info("%s: saving a checkpoint at step %d before exiting", why, step)
             _save(ckpt, step, state, iterator, cfg, environment, window, origin)
         ckpt.wait()
         if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps and step > start:
@@ -194,7 +230,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         _shut_down(closers, quiet=not finished)
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
         raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
-    return TrainResult(state, step, stop.signal is not None, train_step.traces)
+    return TrainResult(state, step, stop.stopped, train_step.traces)
 
 
 def window_means(window: list[dict[str, Any]]) -> dict[str, float]:

@@ -80,6 +80,35 @@ def test_processes_started_with_other_flags_stop_with_one_line(fashion_mnist_dat
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(fashion_mnist_data_dir, tmp_path):
+    """SIGTERM to one process (a pre-emption reaches hosts at different moments): it stopped alone and waited in
+    its checkpoint's barrier, the other in the next step's collective: both hung until killed, nothing saved."""
+    logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]
+    files = [log.open("w") for log in logs]
+    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 100_000, "training.log_every_steps=1",
+                                    "training.save_and_sample_every=100000",
+                                    streams=lambda pid: {"stdout": files[pid], "stderr": subprocess.STDOUT})
+    try:
+        deadline = time.monotonic() + 500
+        while "step 2/" not in logs[0].read_text():
+            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in files:
+            f.close()
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts[1][-3000:]
+    [step] = {int(m) for t in texts for m in re.findall(r"stopped at step (\d+)", t)}
+    assert "signal 15: saving a checkpoint" in texts[1] and "another process's signal: saving" in texts[0]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+
+
+@pytest.mark.slow
 def test_a_process_that_dies_stops_the_other_with_one_line(fashion_mnist_data_dir, tmp_path):
     """The survivor printed a long traceback, waited ~100 s in JAX's shutdown for the dead peer, then aborted."""
     logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]

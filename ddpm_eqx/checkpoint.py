@@ -187,8 +187,11 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
         quiet = {"max_to_keep": None, "save_interval_steps": 0} if read_only else {"max_to_keep": max_to_keep}
+        # cleanup_tmp_directories: a save killed mid-write (SIGKILL, a pre-emption's hard stop) leaves its
+        # <step>.orbax-checkpoint-tmp folder, as large as a checkpoint, which only a save of that same step removed.
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only, **quiet
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only, **quiet
         )
         handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry()),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}

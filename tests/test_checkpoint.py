@@ -106,3 +106,26 @@ def test_an_unreadable_checkpoint_names_why_and_what_to_do(tmp_path):
                                               "is the disk or a copy of them damaged"):
         reader.restore_latest(skeleton)
     reader.close()
+
+
+def test_a_save_killed_mid_write_leaves_no_folder_behind_the_next_writer(tmp_path):
+    """A SIGKILL during an asynchronous save leaves ``<step>.orbax-checkpoint-tmp`` (as large as a checkpoint),
+    which only a later save of that same step removed: with another save cadence, never. The next run's
+    checkpointer removes it; a reader (``sample`` during training) leaves the writer's folders alone."""
+    import numpy as np
+
+    from ddpm_eqx.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, [np.ones(4, np.float32)], {"step": 1}, {})
+    ckpt.close()
+    torn = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp"
+    (torn / "state").mkdir(parents=True)
+    (torn / "state" / "shard").write_bytes(bytes(1000))
+    reader = Checkpointer(tmp_path / "ckpt", read_only=True)
+    assert reader.all_steps() == [1] and torn.is_dir()
+    reader.close()
+    writer = Checkpointer(tmp_path / "ckpt")  # removes it in the background; its first save waits for that
+    writer.save(3, [np.ones(4, np.float32)], {"step": 3}, {})
+    writer.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "3"]

@@ -370,7 +370,9 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
                  f"continue it with the new config, or `ddpm-eqx train --workdir {workdir}` to continue it as it was", 2)
         edited = None if diffs or text is None else _differences_from_text(text, to_dict(cfg))
         if (diffs or edited) and text is not None:
-            backup = path.with_name(f"config.{len(list(workdir.glob('config.*.json')))}.json")
+            # The next number after the highest (counting them overwrote the newest after one was deleted).
+            taken = [int(n) for p in workdir.glob("config.*.json") if (n := p.name[len("config."):-len(".json")]).isdigit()]
+            backup = path.with_name(f"config.{max(taken, default=-1) + 1}.json")
             write_text_atomic(backup, text)
         if edited:  # config.json said otherwise than the checkpoints (edited by hand, or a start that never saved)
             typer.echo(f"note: {path} differed from the config the newest checkpoint was trained with "

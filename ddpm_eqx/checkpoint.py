@@ -13,6 +13,7 @@ Restore goes into an ``eqx.filter_eval_shape`` skeleton: note that ``eqx.is_arra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -280,7 +281,10 @@ class Checkpointer:
         if jax.process_index() != 0:
             return moved
         for bad in [s for s in self.all_steps() if s > step]:
-            target = self.directory.parent / folder / f"{bad}-{int(time.time())}"
+            stamp = f"{bad}-{int(time.time())}"
+            # A free name: shutil.move into an existing folder (the same step moved twice in a second) nests it.
+            target = next(t for n in itertools.count() if not (t := self.directory.parent / folder / (
+                stamp if n == 0 else f"{stamp}-{n}")).exists())
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(bad)), target)
             log.warning("moved %s checkpoint %s/%d to %s", why, self.directory, bad, target)

@@ -129,3 +129,28 @@ def test_a_save_killed_mid_write_leaves_no_folder_behind_the_next_writer(tmp_pat
     writer.save(3, [np.ones(4, np.float32)], {"step": 3}, {})
     writer.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "3"]
+
+
+def test_the_same_step_moved_aside_twice_in_a_second_is_kept_twice_side_by_side(tmp_path, monkeypatch):
+    """Folders were named <step>-<seconds>: a second move of that step within the second went inside the first."""
+    import types
+
+    import numpy as np
+
+    import ddpm_eqx.checkpoint
+    from ddpm_eqx.checkpoint import Checkpointer
+
+    monkeypatch.setattr(ddpm_eqx.checkpoint, "time", types.SimpleNamespace(time=lambda: 1_000.0))  # one second
+
+    ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=5)
+    moved = []
+    for value in (1.0, 2.0):
+        for step in (1, 2):
+            if step not in ckpt.all_steps():
+                ckpt.save(step, [np.full(4, value, np.float32)], {"step": step}, {})
+                ckpt.wait()
+        moved += ckpt.quarantine_after(1)
+    ckpt.close()
+    assert [p.name for p in moved] == ["2-1000", "2-1000-1"]
+    assert all(p.parent == tmp_path / "checkpoints_unreadable" and (p / "state").is_dir() and not (p / "2").exists()
+               for p in moved)

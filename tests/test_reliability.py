@@ -152,6 +152,11 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     undo()
     assert (workdir / "config.json").read_text() == to_json(a)
     assert (workdir / "config.0.json").read_text() == to_json(b)
+    # The next backup is numbered after the highest (counted, it overwrote config.1.json once config.0 was deleted).
+    (workdir / "config.5.json").write_text("kept")
+    cli._prepare_workdir(workdir, b, force=True)
+    assert (workdir / "config.6.json").read_text() == to_json(a) and (workdir / "config.5.json").read_text() == "kept"
+    assert (workdir / "config.0.json").read_text() == to_json(b)
     # A new workdir's start that fails before saving (--init-from another architecture) leaves no config.json.
     undo = cli._prepare_workdir(tmp_path / "new", a, force=False)
     assert (tmp_path / "new" / "config.json").is_file()

@@ -49,10 +49,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets.")
 app.add_typer(data_app, name="data")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# Keys that may change between a run and its resumption without it being a different run.
-RESUMABLE_KEYS = {"training.num_train_steps", "training.log_every_steps", "training.save_and_sample_every",
-                  "training.num_sample", "training.max_to_keep", "training.eval_every", "data.num_workers",
-                  "data.prefetch", "data.data_dir", "data.manual_dir", "data.cache", "training.grad_accum_steps"}
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -206,44 +202,14 @@ def _absolute_if_path(dataset: str) -> str:
 
 
 def _config_differences(old: dict, new: dict) -> list[str]:
-    """What differs between a workdir's config.json and the new config, as ``"optim.lr: 0.001 -> 0.0005"``.
+    """:func:`ddpm_eqx.config.config_differences` of a workdir's config and the new one, a dataset stored relative
+    (before 0.3; now absolute) read as the folder it names here."""
+    from ddpm_eqx.config import config_differences
 
-    A key the old file lacks was written by a version without that option, which behaved as its default.
-    """
-    from ddpm_eqx.config import Config, to_dict
-
-    def as_read(value: object) -> object:  # config.json reads tuples back as lists
-        return list(value) if isinstance(value, tuple) else value
-
-    defaults, diffs = to_dict(Config()), []
     stored_dataset = old.get("data", {}).get("dataset")
-    if isinstance(stored_dataset, str):  # stored relative before 0.3 (now absolute): the same folder is the same
+    if isinstance(stored_dataset, str):
         old = {**old, "data": {**old["data"], "dataset": _absolute_if_path(stored_dataset)}}
-    # sampling.* draws the grids (another sampler on resume is fine) and training.eval_every's samples (whose
-    # scores along the run compare only under one sampler, and one training.eval_num).
-    evaluated = bool(new["training"].get("eval_every") or old.get("training", {}).get("eval_every"))
-    for section, values in new.items():
-        if section == "wandb":  # logging only: never makes a different run
-            continue
-        if isinstance(values, dict):
-            for k, v in values.items():
-                before = old.get(section, {}).get(k, as_read(defaults[section][k]))
-                if as_read(v) == before:
-                    continue
-                if section == "sampling" and evaluated:  # the grids' sampler, and the evaluation rows'
-                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sampler of training.eval_every's scores)")
-                elif f"{section}.{k}" == "training.eval_num":  # what the evaluation rows score: only with them
-                    if evaluated:
-                        diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sample count of training.eval_every's "
-                                     "scores)")
-                elif section != "sampling" and f"{section}.{k}" not in RESUMABLE_KEYS:
-                    diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
-                elif k == "num_train_steps" and new["optim"].get("cosine_decay"):
-                    # The cosine schedule is stretched over the run's length: another length changes the lr.
-                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (re-stretches optim.cosine_decay's lr)")
-        elif (before := old.get(section, defaults[section])) != values:
-            diffs.append(f"{section}: {before!r} -> {values!r}")
-    return diffs
+    return config_differences(old, new)
 
 
 def _differences_from_text(text: str, new: dict) -> list[str]:
@@ -323,11 +289,11 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
     its newest checkpoint was trained with (else config.json's): another config continues it only with ``force``
     and only where the train state keeps its shapes (the old file kept as config.N.json; likewise a config.json
     that said otherwise than the checkpoints, with a note); without checkpoints config.json is an attempt that
-    never saved, replaced, and so is its ``init_from.json`` (a fine-tuning start that stopped before it saved) where
-    this command names another source (``source``: --restore-from or --init-from) or another config. Fewer steps
-    than the run has done is refused. Returns the undo for a run that fails before it saves a checkpoint (a failed
-    restore, a bad split): config.json and init_from.json as they were (none where there was none)."""
-    from ddpm_eqx._io import INIT_FROM_FILE, write_text_atomic
+    never saved, replaced, and so are its ``init_from.json`` (where this command names another source, ``source``:
+    --restore-from or --init-from, or another config) and ``wandb_id.txt`` (another config). Fewer steps than the
+    run has done is refused. Returns the undo for a run that fails before it saves a checkpoint (a failed restore,
+    a bad split): those files as they were (none where there was none)."""
+    from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
     try:
@@ -378,27 +344,31 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
             typer.echo(f"note: {path} differed from the config the newest checkpoint was trained with "
                        f"({'; '.join(edited[:5])}), which this run continues; kept as {backup}. To train with other "
                        "settings pass them with --set (another run's config: --force)", err=True)
-    origin = workdir / INIT_FROM_FILE
-    origin_text = origin.read_text() if origin.is_file() else None
-    if origin_text is not None and not steps and (source is not None or _another_attempt(text, to_dict(cfg))):
-        # A start from another run's weights that stopped before its first checkpoint: only a rerun of that
-        # attempt (its config) starts from them again; it no longer leads another config to them.
+    # Files of an attempt that stopped before its first checkpoint, which only a rerun of that attempt (its config)
+    # continues: the fine-tuning source it starts from again, the W&B run it logs into (from step 0 again).
+    origin, wandb_id = workdir / INIT_FROM_FILE, workdir / WANDB_ID_FILE
+    kept = {f: f.read_text() if f.is_file() else None for f in (origin, wandb_id)}
+    another = not steps and any(kept.values()) and _another_attempt(text, to_dict(cfg))
+    if kept[origin] is not None and not steps and (source is not None or another):
         if source is None:
-            typer.echo(f"note: {origin} (a start from {_origin_of(origin_text)} that stopped before its first "
+            typer.echo(f"note: {origin} (a start from {_origin_of(kept[origin])} that stopped before its first "
                        "checkpoint) is dropped: this command's config is another; give --init-from to start from it",
                        err=True)
         origin.unlink()
+    if kept[wandb_id] is not None and another:
+        wandb_id.unlink()
     if text != (new := to_json(cfg)):  # a plain resume leaves the file as it is
         write_text_atomic(path, new)
 
     def undo() -> None:
         if _checkpoint_steps(workdir) != steps:
             return
-        if (origin.read_text() if origin.is_file() else None) != origin_text:
-            if origin_text is None:
-                origin.unlink(missing_ok=True)
-            else:
-                write_text_atomic(origin, origin_text)
+        for file, before in kept.items():
+            if (file.read_text() if file.is_file() else None) != before:
+                if before is None:
+                    file.unlink(missing_ok=True)
+                else:
+                    write_text_atomic(file, before)
         if text != new:
             if text is None:  # this command's attempt, refused before it saved: no config.json to mislead the next
                 path.unlink(missing_ok=True)
@@ -418,9 +388,9 @@ def _another_attempt(text: Optional[str], new: dict) -> bool:
         return True
 
 
-def _origin_of(text: str) -> str:
+def _origin_of(text: Optional[str]) -> str:
     try:
-        return str(json.loads(text)["init_from"])
+        return str(json.loads(text or "")["init_from"])
     except (ValueError, KeyError, TypeError):
         return "another run"
 

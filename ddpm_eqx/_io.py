@@ -23,3 +23,6 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 INIT_FROM_FILE = "init_from.json"
 """In a fine-tuning run's workdir: the ``--init-from`` it started from and the checkpoint step it read."""
+
+WANDB_ID_FILE = "wandb_id.txt"
+"""In a run's workdir: the id of its W&B run, which a resume logs into."""

@@ -354,6 +354,49 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+RESUMABLE_KEYS = {"training.num_train_steps", "training.log_every_steps", "training.save_and_sample_every",
+                  "training.num_sample", "training.max_to_keep", "training.eval_every", "data.num_workers",
+                  "data.prefetch", "data.data_dir", "data.manual_dir", "data.cache", "training.grad_accum_steps"}
+"""Keys that may change between a run and its continuation without it being a different run."""
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What makes ``new`` (``to_dict``'s form) another run than ``old`` (a stored config as JSON reads it), as
+    ``"optim.lr: 0.001 -> 0.0005"``: not the :data:`RESUMABLE_KEYS`, W&B, nor ``sampling.*`` and
+    ``training.eval_num`` unless ``training.eval_every`` scores samples with them. A key ``old`` lacks was
+    written by a version without that option, which behaved as its default."""
+
+    def as_read(value: object) -> object:  # JSON reads tuples back as lists
+        return list(value) if isinstance(value, tuple) else value
+
+    defaults, diffs = to_dict(Config()), []
+    # sampling.* draws the grids (another sampler on resume is fine) and training.eval_every's samples (whose
+    # scores along the run compare only under one sampler, and one training.eval_num).
+    evaluated = bool(new["training"].get("eval_every") or old.get("training", {}).get("eval_every"))
+    for section, values in new.items():
+        if section == "wandb":  # logging only: never makes a different run
+            continue
+        if isinstance(values, dict):
+            for k, v in values.items():
+                before = old.get(section, {}).get(k, as_read(defaults[section][k]))
+                if as_read(v) == before:
+                    continue
+                if section == "sampling" and evaluated:  # the grids' sampler, and the evaluation rows'
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sampler of training.eval_every's scores)")
+                elif f"{section}.{k}" == "training.eval_num":  # what the evaluation rows score: only with them
+                    if evaluated:
+                        diffs.append(f"{section}.{k}: {before!r} -> {v!r} (the sample count of training.eval_every's "
+                                     "scores)")
+                elif section != "sampling" and f"{section}.{k}" not in RESUMABLE_KEYS:
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r}")
+                elif k == "num_train_steps" and new["optim"].get("cosine_decay"):
+                    # The cosine schedule is stretched over the run's length: another length changes the lr.
+                    diffs.append(f"{section}.{k}: {before!r} -> {v!r} (re-stretches optim.cosine_decay's lr)")
+        elif (before := old.get(section, defaults[section])) != values:
+            diffs.append(f"{section}: {before!r} -> {values!r}")
+    return diffs
+
+
 def trained_config_dict(run: Path, steps: typing.Iterable[int] | None = None) -> dict[str, Any] | None:
     """The config the newest of ``steps`` (default: every checkpoint of the run folder ``run``) was trained with,
     from its ``meta`` (Orbax's JSON item, read as the file it is: no JAX needed); None where none has a readable

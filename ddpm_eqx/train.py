@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx import allocator
-from ddpm_eqx._io import INIT_FROM_FILE, write_text_atomic
+from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts, ModelMismatch
-from ddpm_eqx.config import Config, ConfigError, from_dict, program_json, to_dict
+from ddpm_eqx.config import Config, ConfigError, config_differences, from_dict, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
@@ -134,7 +134,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
         raise ConfigError("--restore-from continues another run, --init-from starts a new one from its weights: "
                           "give one of them")
     restored = _restore(ckpt, skeleton, iterator, restore_from, environment, earlier_layouts(cfg, skeleton),
-                        init_from=init_from)
+                        init_from=init_from, cfg=cfg)
     origin_file = workdir / INIT_FROM_FILE  # a fine-tuning run's source (written by initial_weights)
     if restored is None and init_from is None and origin_file.is_file():
         # A fine-tuning run stopped before its first checkpoint: it starts from the same weights again.
@@ -274,13 +274,16 @@ def _shut_down(closers: list[Callable[[], Any]], *, quiet: bool) -> None:
 
 def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_from: str | Path | None,
              environment: dict[str, Any], layouts: Layouts = (), *,
-             init_from: str | Path | None = None) -> tuple[TrainState, list[dict[str, Any]]] | None:
+             init_from: str | Path | None = None, cfg: Config | None = None
+             ) -> tuple[TrainState, list[dict[str, Any]]] | None:
     """The newest checkpoint of this run, else of ``restore_from``, and the metrics of its steps since its last
     metrics row; None when there is none.
 
     Resuming this run's own checkpoint under other versions or devices than the ones that wrote it
     (``environment``) logs a warning; ``restore_from`` starts a new run, so there it is not compared. The run's
-    own checkpoints win over ``restore_from`` and ``init_from`` (a resume), with a warning naming the flag.
+    own checkpoints win over ``restore_from`` and ``init_from`` (a resume), with a warning naming the flag. A
+    ``restore_from`` trained with another config than ``cfg`` (:func:`ddpm_eqx.config.config_differences`) is
+    continued with a warning naming the changes.
     """
     found = ckpt.restore_latest(skeleton, layouts=layouts)
     source = ckpt.directory
@@ -297,6 +300,10 @@ def _restore(ckpt: Checkpointer, skeleton: TrainState, iterator: Any, restore_fr
                                   f"run's config ({e.detail}); restore from a run of the same model") from None
         if found is None:
             raise FileNotFoundError(f"--restore-from {restore_from}: no checkpoint in {source}")
+        theirs = found[3].get("config")
+        if cfg is not None and isinstance(theirs, dict) and (changed := config_differences(theirs, to_dict(cfg))):
+            log.warning("--restore-from %s: its step %d was trained with another config (%s); this run continues it "
+                        "with this one", restore_from, found[0], "; ".join(changed))
     if found is None:
         return None
     step, state, data_state, meta = found
@@ -530,7 +537,7 @@ def _log_model(run: Any, directory: Path, step: int) -> None:
 
 
 def _wandb_id(workdir: Path) -> str | None:
-    path = workdir / "wandb_id.txt"
+    path = workdir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
     import uuid

@@ -387,7 +387,7 @@ def test_sample_errors_for_missing_and_empty_checkpoints(tmp_path):
 def test_restore_from_another_run_with_wandb_offline(reference_run, fashion_mnist_data_dir, tmp_path):
     """--restore-from starts at the other run's newest step; W&B offline needs no network or login."""
     workdir = tmp_path / "continued"
-    args = _train_args(fashion_mnist_data_dir, workdir, 10, "wandb.mode=offline")
+    args = _train_args(fashion_mnist_data_dir, workdir, 10, "wandb.mode=offline", "data.random_flip=false")
     args += ["--restore-from", str(reference_run[0])]
     env = _env(tmp_path)
     env.pop("WANDB_MODE", None)
@@ -396,6 +396,9 @@ def test_restore_from_another_run_with_wandb_offline(reference_run, fashion_mnis
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stderr and "at step 8" in result.stderr
+    # Continued with another setting (one the step's program does not read: no compile of its own): named.
+    assert (f"--restore-from {reference_run[0]}: its step 8 was trained with another config (data.random_flip: True "
+            "-> False); this run continues it with this one") in result.stderr
     assert "finished at step 10" in result.stdout
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [10]
     runs = list((workdir / "wandb").glob("offline-run-*"))

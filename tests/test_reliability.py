@@ -176,22 +176,26 @@ def test_a_stopped_fine_tuning_start_leads_only_its_own_rerun_to_its_source(tmp_
     origin = workdir / "init_from.json"
     record = json.dumps({"init_from": "runs/source", "checkpoint": "runs/source/checkpoints/8", "step": 8})
 
-    def attempt() -> None:  # the killed start: its config.json and init_from.json, no checkpoint
+    wandb_id = workdir / "wandb_id.txt"  # likewise its W&B run: another config logged into it from step 0 again
+
+    def attempt() -> None:  # the killed start: its config.json, init_from.json and W&B run id, no checkpoint
         cli._prepare_workdir(workdir, a, force=False, source="runs/source")
         origin.write_text(record)
+        wandb_id.write_text("abc123")
 
     attempt()
     cli._prepare_workdir(workdir, apply_overrides(a, ["training.num_train_steps=20000"]), force=False)  # its rerun
-    assert origin.read_text() == record and "dropped" not in capsys.readouterr().err
+    assert origin.read_text() == record and wandb_id.read_text() == "abc123"
+    assert "dropped" not in capsys.readouterr().err
     undo = cli._prepare_workdir(workdir, apply_overrides(a, ["model.dim=32"]), force=False)  # another run
-    assert not origin.exists()
+    assert not origin.exists() and not wandb_id.exists()
     assert capsys.readouterr().err.strip() == (
         f"note: {origin} (a start from runs/source that stopped before its first checkpoint) is dropped: this "
         "command's config is another; give --init-from to start from it")
     undo()  # that run failed before it saved: the attempt is as it was
-    assert origin.read_text() == record
+    assert origin.read_text() == record and wandb_id.read_text() == "abc123"
     cli._prepare_workdir(workdir, a, force=False, source="runs/other")  # --restore-from or another --init-from
-    assert not origin.exists() and capsys.readouterr().err == ""
+    assert not origin.exists() and wandb_id.read_text() == "abc123" and capsys.readouterr().err == ""
     # A new start's init_from.json (written by the trainer) goes with its config.json when it fails before saving.
     fresh = tmp_path / "new"
     undo = cli._prepare_workdir(fresh, a, force=False, source="runs/source")

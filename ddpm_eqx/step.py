@@ -222,7 +222,10 @@ class TrainStep:
                 self._traces[0] += 1
 
             traced_before = self._traces[0]
-            stored = stored_program("train step", on_leaves, (leaves, images, labels), determines=self._determines,
+            # Keyed by the state's structure and static leaves too (a stored program holds them as traced): a state
+            # with another dropout rate, say, read the first one's program.
+            determines = f"{self._determines}\n{self._signature[0]}\n{self._signature[2]!r}"
+            stored = stored_program("train step", on_leaves, (leaves, images, labels), determines=determines,
                                     directory=self._trace_cache, donate_argnums=(0,), on_trace=count)
             self._traces[0] = traced_before  # exporting traced `self._raw` once; compiles are counted by `count`
             if stored is not None:

@@ -218,6 +218,24 @@ def test_a_state_with_other_static_leaves_or_structure_gets_its_own_program():
     assert traces == [3]
 
 
+def test_a_stored_step_is_keyed_by_the_states_static_leaves_too(tmp_path):
+    """With a trace cache, a state differing only in a static leaf (a dropout rate) was traced again, then handed
+    the first state's stored program: the first scale's numbers, silently, in this process and the next."""
+    from ddpm_eqx.state import TrainState
+    from ddpm_eqx.step import TrainStep
+
+    def fn(state, images, labels):  # noqa: ANN001, ANN202  (scales the weights by the static leaf `model[1]`)
+        weights, scale = state.model
+        return TrainState(state.step + 1, (weights * scale + images.sum(), scale), None, None), {"loss": weights.sum()}
+
+    images, labels = jnp.ones((2, 1, 2, 2)), jnp.zeros(2, jnp.int32)
+    for scale in (2.0, 3.0, 3.0, 2.0):  # a new step each time: the later ones read what the earlier ones stored
+        step = TrainStep(fn, [0], trace_cache=tmp_path)
+        out, _ = step(TrainState(jnp.zeros((), jnp.int32), (jnp.ones(3), scale), None, None), images, labels)
+        np.testing.assert_array_equal(out.model[0], np.full(3, scale + 8))
+    assert len(list(tmp_path.glob("train_step*"))) == 2
+
+
 def test_the_stored_programs_key_leaves_out_only_what_no_program_reads():
     """A run extended (training.num_train_steps) or logged differently traced its step again and stored a
     byte-identical copy: the key was the whole config. Now it is :func:`program_json`: every field it leaves out

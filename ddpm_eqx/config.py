@@ -95,6 +95,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.dim > 0, f"model.dim must be positive, got {self.dim}")
+        _require(self.dim >= 4 or self.random_fourier_features or self.learned_sinusoidal_cond,
+                 f"model.dim must be at least 4 for the sinusoidal time embedding (two frequencies), got {self.dim}")
         for name in ("init_dim", "out_dim"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"model.{name} must be positive or None, got {value}")

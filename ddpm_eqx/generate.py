@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 from ddpm_eqx._types import Keys
 from ddpm_eqx.diffusion import GaussianDiffusion
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_fits_in_memory, gather, replicate, split_global
-from ddpm_eqx.sample import Sampler, sample
+from ddpm_eqx.sample import Sampler, check_labels, sample
 from ddpm_eqx.trace_cache import stored_program
 
 
@@ -118,6 +118,9 @@ class ShardedSampler:
     def _arguments(self, model: Any, keys: Keys, labels: Int[Array, " b"] | None) -> tuple[Any, ...]:
         if self.conditional and labels is None:
             raise ValueError("this model is class-conditional: pass labels (use the null class for unconditional)")
+        if labels is not None and not self.conditional:  # they were dropped: every image the null class's
+            raise ValueError("labels given to a sampler built with conditional=False; build it with conditional=True")
+        check_labels(model, labels, null_class=True)  # inside shard_map they are traced: checked here
         n, devices = keys.shape[0], self.mesh.devices.size
         pad = (-n) % devices
         if pad:  # each image depends only on its own key: padding changes nothing
@@ -126,4 +129,4 @@ class ShardedSampler:
                 labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
         arrays = eqx.filter(model, eqx.is_array)
         proc_arrays = eqx.filter(self.process, eqx.is_array)
-        return arrays, proc_arrays, keys, labels if self.conditional else None
+        return arrays, proc_arrays, keys, labels

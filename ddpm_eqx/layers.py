@@ -123,6 +123,9 @@ class TimeEmbedding(eqx.Module):
     def __init__(self, dim: int, *, features: Fourier, fourier_dim: int, key: Key):
         kf, k1, k2 = jax.random.split(key, 3)
         if features == "sinusoidal":
+            if dim < 4:  # one frequency: its geometric spacing divides by zero, every output NaN
+                raise ValueError(f"dim must be at least 4 for the sinusoidal time embedding (two frequencies), got "
+                                 f"{dim}")
             self.fourier, in_dim = None, 2 * (dim // 2)
         else:
             self.fourier = FourierFeatures(fourier_dim, frozen=features == "random", key=kf)

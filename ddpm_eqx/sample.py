@@ -8,7 +8,7 @@ guidance (Ho & Salimans 2022) for class-conditional models.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, overload
+from typing import Any, Callable, Literal, overload
 
 import equinox as eqx
 import jax
@@ -125,6 +125,19 @@ def sample_image(
     return jnp.clip(x, -1.0, 1.0), path
 
 
+def check_labels(model: Any, labels: Int[Array, " b"] | None, *, null_class: bool = False) -> None:
+    """A ``ValueError`` for concrete labels outside the model's classes (``null_class``: its null class, the
+    label ``num_classes``, too): the embedding would clamp them to the null class, an unconditional draw."""
+    num_classes = getattr(model, "num_classes", None)
+    if labels is None or not isinstance(num_classes, int) or isinstance(labels, jax.core.Tracer):
+        return
+    values, top = np.asarray(labels), num_classes if null_class else num_classes - 1
+    if values.size and (values.min() < 0 or values.max() > top):
+        unconditional = f"the null class {num_classes}" if null_class else "None"
+        raise ValueError(f"labels must be classes 0..{top} ({unconditional}: unconditional), got "
+                         f"{values.min()}..{values.max()}")
+
+
 @overload
 def sample(
     process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
@@ -175,12 +188,7 @@ def sample(
         raise ValueError("steps and eta are DDIM's: DDPM runs all the process's timesteps with its own noise; "
                          "pass sampler='ddim'")
     check_model(process, model)  # DDIM's steps are checked by ddim_timesteps, as the program is traced
-    num_classes = getattr(model, "num_classes", None)
-    if labels is not None and isinstance(num_classes, int) and not isinstance(labels, jax.core.Tracer):
-        values = np.asarray(labels)
-        if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"labels must be classes 0..{num_classes - 1} (None: unconditional), got "
-                             f"{values.min()}..{values.max()}")  # the embedding would clamp them to the null class
+    check_labels(model, labels)
     guide = None if labels is None or (isinstance(guidance, (int, float)) and guidance == 1.0) else guidance
     return _sample(process, model, keys, shape, sampler=sampler, steps=steps, eta=eta, labels=labels,
                    guidance=None if guide is None else jnp.asarray(guide, jnp.float32), return_path=return_path)

@@ -207,6 +207,7 @@ def test_a_stopped_fine_tuning_start_leads_only_its_own_rerun_to_its_source(tmp_
 @pytest.mark.parametrize("override, message", [
     ("model.init_dim=0", "model.init_dim must be positive or None"), ("model.attn_dim_head=0", "model.attn_dim_head"),
     ("model.resnet_block_groups=0", "model.resnet_block_groups must be positive"),
+    ("model.dim=2", "model.dim must be at least 4 for the sinusoidal time embedding (two frequencies), got 2"),
     ("training.eval_num=1", "training.eval_num must be >= 2"), ("ema.power=0", "ema.power must be > 0"),
     ("ema.min_value=0.999", "ema.min_value must be in [0, ema.beta]"),
     ("model.out_dim=3", "model.out_dim=3 must equal data.channels=1"),

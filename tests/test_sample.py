@@ -147,6 +147,17 @@ def test_options_a_sampler_would_ignore_and_labels_out_of_range_are_errors():
     for labels in ([0, 3], [-1, 2]):
         with pytest.raises(ValueError, match=r"labels must be classes 0..2 \(None: unconditional\)"):
             sample(process, model, keys, (1, 8, 8), labels=jnp.array(labels), sampler="ddim", steps=1)
+    # The sharded sampler: its labels are traced inside shard_map, where sample() cannot check them (-1 and 7 drew
+    # the null class), and a sampler built unconditional dropped them (every image the null class's). Its null
+    # class (3) is a label it takes.
+    draw = ShardedSampler(process, model, (1, 8, 8), make_mesh(), sampler="ddim", steps=1, conditional=True)
+    for labels in ([0, 4], [-1, 2]):
+        with pytest.raises(ValueError, match=r"labels must be classes 0..3 \(the null class 3: unconditional\)"):
+            draw(model, keys, jnp.array(labels))
+    assert draw(model, keys, jnp.array([0, 3])).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="labels given to a sampler built with conditional=False; build it with "
+                                         "conditional=True"):
+        ShardedSampler(process, model, (1, 8, 8), make_mesh(), sampler="ddim", steps=1)(model, keys, jnp.array([0, 1]))
 
 
 def test_another_guidance_reuses_the_compiled_sampler():

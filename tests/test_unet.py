@@ -100,6 +100,9 @@ def test_bad_image_size_names_working_sizes(image_size, dim_mults, message):
         ({"channels": 0}, "channels must be positive, got 0"),
         ({"num_classes": 0}, r"num_classes must be positive \(or None: unconditional\), got 0"),
         ({"dim_mults": (1, 0)}, r"dim_mults must be positive multipliers, got \(1, 0\)"),
+        # One frequency: the embedding divided 0 by 0 and every output was NaN.
+        ({"dim": 2, "resnet_block_groups": 2}, r"dim must be at least 4 for the sinusoidal time embedding \(two "
+                                               r"frequencies\), got 2"),
     ],
 )
 def test_widths_the_blocks_cannot_take_are_named(options, message):

@@ -175,13 +175,23 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
                                 "--dataset with --set") from None
     elif workdir is not None and (workdir.expanduser() / "config.json").is_file():
         cfg = C.load_config_file(workdir.expanduser() / "config.json")
+    elif workdir is not None:
+        raise C.ConfigError(f"--workdir {workdir} holds no run to continue (no checkpoint, no config.json); give "
+                            "--dataset NAME or --config FILE to start one there")
     else:
         raise C.ConfigError("give --dataset NAME (e.g. fashion_mnist, or a folder of images), --config FILE, or "
                             "--workdir of a run to continue")
     if dataset is not None and config_file is not None:
         overrides = [f"data.dataset={dataset}", *overrides]
     cfg = C.apply_overrides(cfg, overrides)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=_absolute_if_path(cfg.data.dataset)))
+    # Stored absolute: config.json is read from anywhere (a relative data_dir sent a resume elsewhere to prepare
+    # the data again in its working directory).
+    def absolute(folder: Optional[str]) -> Optional[str]:
+        return None if folder is None else str(Path(folder).expanduser().resolve())
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, dataset=_absolute_if_path(cfg.data.dataset), data_dir=absolute(cfg.data.data_dir),
+        manual_dir=absolute(cfg.data.manual_dir)))
 
 
 def _config_file_of(dataset: str) -> Optional[Path]:
@@ -308,6 +318,18 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
     steps = _checkpoint_steps(workdir)
     if path.is_file():
         text = path.read_text()
+
+    def keep_old() -> Path:  # config.json as it was, beside it: numbered after the highest (counting overwrote one)
+        taken = [int(n) for p in workdir.glob("config.*.json") if (n := p.name[len("config."):-len(".json")]).isdigit()]
+        kept = path.with_name(f"config.{max(taken, default=-1) + 1}.json")
+        write_text_atomic(kept, text or "")
+        return kept
+
+    if text is not None and not steps and not _is_ours(text):  # another tool's folder (a model's config.json)
+        if not force:
+            fail(f"{path} is not a ddpm-eqx config (another tool's folder?); use another --workdir, or --force to "
+                 "replace it (kept as config.N.json)", 2)
+        backup = keep_old()
     if steps:  # fewer steps than the run has done: refused before config.json is touched
         from ddpm_eqx.config import ConfigError
         from ddpm_eqx.train import check_steps_left
@@ -336,10 +358,7 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
                  f"continue it with the new config, or `ddpm-eqx train --workdir {workdir}` to continue it as it was", 2)
         edited = None if diffs or text is None else _differences_from_text(text, to_dict(cfg))
         if (diffs or edited) and text is not None:
-            # The next number after the highest (counting them overwrote the newest after one was deleted).
-            taken = [int(n) for p in workdir.glob("config.*.json") if (n := p.name[len("config."):-len(".json")]).isdigit()]
-            backup = path.with_name(f"config.{max(taken, default=-1) + 1}.json")
-            write_text_atomic(backup, text)
+            backup = keep_old()
         if edited:  # config.json said otherwise than the checkpoints (edited by hand, or a start that never saved)
             typer.echo(f"note: {path} differed from the config the newest checkpoint was trained with "
                        f"({'; '.join(edited[:5])}), which this run continues; kept as {backup}. To train with other "
@@ -378,6 +397,17 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
                 backup.unlink(missing_ok=True)
 
     return undo
+
+
+def _is_ours(text: str) -> bool:
+    """Whether a config.json's text is a ddpm-eqx config (of this version or an earlier one)."""
+    from ddpm_eqx.config import from_json
+
+    try:
+        from_json(text)
+        return True
+    except Exception:  # noqa: BLE001  (not JSON, another tool's keys, values this version refuses)
+        return False
 
 
 def _another_attempt(text: Optional[str], new: dict) -> bool:

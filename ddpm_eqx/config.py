@@ -14,10 +14,13 @@ import contextvars
 import dataclasses
 import importlib.util
 import json
+import traceback
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+from ddpm_eqx._io import first_line
 
 BetaSchedule = Literal["linear", "cosine", "sigmoid"]
 Objective = Literal["pred_noise", "pred_x0", "pred_v"]
@@ -481,6 +484,9 @@ def from_json(text: str) -> Config:
 def load_config_file(path: str | Path) -> Config:
     """Import a config file and call its ``get_config()``; or read a run's ``config.json``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass --config {path / 'config.json'} (a run's "
+                          f"config) or --workdir {path} (continue that run)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.py")
     if path.suffix == ".json":
@@ -494,10 +500,24 @@ def load_config_file(path: str | Path) -> Config:
     spec = importlib.util.spec_from_file_location(f"_ddpm_eqx_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {str(path)} has no get_config() function")
-    config = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {str(path)} has no get_config() function")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a user's file: a syntax error, a failed import, a bad value)
+        raise ConfigError(f"{_where_in(e, path)}: {type(e).__name__}: {first_line(e) or 'no message'}") from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() must return ddpm_eqx.config.Config, got {type(config).__name__}")
     return config
+
+
+def _where_in(err: BaseException, path: Path) -> str:
+    """``path:line`` of the innermost frame of ``err`` in ``path`` (a syntax error's own line), else ``path``."""
+    line = err.lineno if isinstance(err, SyntaxError) and err.filename == str(path) else None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if frame.filename == str(path):
+            line = frame.lineno
+    return f"{path}:{line}" if line else str(path)

@@ -60,3 +60,27 @@ def test_a_runs_config_json_is_a_config_file_and_other_files_are_one_line_errors
     (tmp_path / "torn.json").write_text('{"optim": {"lr"')
     with pytest.raises(ConfigError, match="torn.json is not a ddpm-eqx run's config.json"):
         load_config_file(tmp_path / "torn.json")
+    # A folder (a run's), and a .py that fails in itself: one line naming the file and line (a traceback before).
+    with pytest.raises(ConfigError, match=f"is a folder; pass --config {tmp_path / 'config.json'} .* or --workdir"):
+        load_config_file(tmp_path)
+    (tmp_path / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (tmp_path / "value.py").write_text("from ddpm_eqx.config import Config\n\n\ndef get_config():\n"
+                                       "    return Config(seed=1 // 0)\n")
+    (tmp_path / "missing.py").write_text("import no_such_module_here\n")
+    for name, message in [("syntax.py:1: SyntaxError", "invalid syntax"),
+                          ("value.py:5: ZeroDivisionError", "integer division or modulo by zero"),
+                          ("missing.py:1: ModuleNotFoundError", "No module named 'no_such_module_here'")]:
+        with pytest.raises(ConfigError) as err:
+            load_config_file(tmp_path / name.split(":")[0])
+        assert str(err.value).startswith(f"{tmp_path / name}: {message}")
+
+
+def test_a_workdir_alone_that_holds_no_run_says_so(tmp_path) -> None:
+    """`train --workdir EMPTY` read "give --dataset ..., --config FILE, or --workdir of a run to continue", as if
+    --workdir had not been given."""
+    import cli
+    from ddpm_eqx.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^--workdir {tmp_path} holds no run to continue \\(no checkpoint, no "
+                                          "config.json\\); give --dataset NAME or --config FILE to start one there$"):
+        cli.resolve_config(None, None, [], tmp_path)

@@ -793,6 +793,9 @@ def test_a_dataset_without_a_config_file_takes_its_image_size_and_channels_from_
     monkeypatch.chdir(tmp_path)
     cfg = cli.resolve_config("imgs/", None, overrides)
     assert cfg.data.dataset == str(folder.resolve())  # stored absolute: config.json names it from anywhere
+    relative = cli.resolve_config("imgs/", None, ["data.data_dir=tfds", "data.manual_dir=~/archives"])
+    assert (relative.data.data_dir, relative.data.manual_dir) == (str(tmp_path / "tfds"),
+                                                                  str(Path("~/archives").expanduser()))
     fitted, note = fit_to_data(cfg)
     assert (fitted.data.image_size, fitted.data.channels) == (40, 3) and fitted.model == cfg.model
     assert "data.image_size=40 (from the data), data.channels=3 (from the data)" in note

@@ -157,6 +157,15 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     cli._prepare_workdir(workdir, b, force=True)
     assert (workdir / "config.6.json").read_text() == to_json(a) and (workdir / "config.5.json").read_text() == "kept"
     assert (workdir / "config.0.json").read_text() == to_json(b)
+    # Another tool's folder (a model's config.json): refused, or with --force replaced and kept (overwritten before).
+    foreign = tmp_path / "bert"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "bert", "hidden_size": 768}')
+    with pytest.raises(typer.Exit) as refused:
+        cli._prepare_workdir(foreign, a, force=False)
+    assert refused.value.exit_code == 2 and "bert" in (foreign / "config.json").read_text()
+    cli._prepare_workdir(foreign, a, force=True)
+    assert from_json((foreign / "config.json").read_text()) == a and "bert" in (foreign / "config.0.json").read_text()
     # A new workdir's start that fails before saving (--init-from another architecture) leaves no config.json.
     undo = cli._prepare_workdir(tmp_path / "new", a, force=False)
     assert (tmp_path / "new" / "config.json").is_file()

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -79,13 +80,13 @@ def test_processes_started_with_other_flags_stop_with_one_line(fashion_mnist_dat
                                                 "process 0; start every process of a run with the same flags")
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(fashion_mnist_data_dir, tmp_path):
-    """SIGTERM to one process (a pre-emption reaches hosts at different moments): it stopped alone and waited in
-    its checkpoint's barrier, the other in the next step's collective: both hung until killed, nothing saved."""
+@contextmanager
+def _two_processes_training(data_dir, tmp_path):  # noqa: ANN001, ANN202
+    """Two processes of a long run, each step logged, none saved in flight, once both are training (in each step's
+    collectives): ``(workdir, processes, their log files)``; killed at the end if still running."""
     logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]
     files = [log.open("w") for log in logs]
-    workdir, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 100_000, "training.log_every_steps=1",
+    workdir, procs = _two_processes(data_dir, tmp_path, 100_000, "training.log_every_steps=1",
                                     "training.save_and_sample_every=100000",
                                     streams=lambda pid: {"stdout": files[pid], "stderr": subprocess.STDOUT})
     try:
@@ -93,14 +94,22 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step_with_a_checkpoin
         while "step 2/" not in logs[0].read_text():
             assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
             time.sleep(0.5)
-        procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=120) for p in procs]
+        yield workdir, procs, logs
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
         for f in files:
             f.close()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(fashion_mnist_data_dir, tmp_path):
+    """SIGTERM to one process (a pre-emption reaches hosts at different moments): it stopped alone and waited in
+    its checkpoint's barrier, the other in the next step's collective: both hung until killed, nothing saved."""
+    with _two_processes_training(fashion_mnist_data_dir, tmp_path) as (workdir, procs, logs):
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
     texts = [log.read_text() for log in logs]
     assert codes == [0, 0], texts[1][-3000:]
     [step] = {int(m) for t in texts for m in re.findall(r"stopped at step (\d+)", t)}
@@ -111,26 +120,11 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step_with_a_checkpoin
 @pytest.mark.slow
 def test_a_process_that_dies_stops_the_other_with_one_line(fashion_mnist_data_dir, tmp_path):
     """The survivor printed a long traceback, waited ~100 s in JAX's shutdown for the dead peer, then aborted."""
-    logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]
-    files = [log.open("w") for log in logs]
-    _, procs = _two_processes(fashion_mnist_data_dir, tmp_path, 100_000, "training.log_every_steps=1",
-                              "training.save_and_sample_every=100000",  # no save in flight: a collective fails
-                              streams=lambda pid: {"stdout": files[pid], "stderr": subprocess.STDOUT})
-    try:
-        deadline = time.monotonic() + 500
-        while "step 2/" not in logs[0].read_text():  # training: both processes in each step's collectives
-            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
-            time.sleep(0.5)
-        procs[1].send_signal(signal.SIGKILL)
+    with _two_processes_training(fashion_mnist_data_dir, tmp_path) as (_, procs, logs):
+        procs[1].send_signal(signal.SIGKILL)  # no save in flight: a collective fails
         start = time.monotonic()
         code = procs[0].wait(timeout=120)
         took = time.monotonic() - start
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in files:
-            f.close()
     text = logs[0].read_text()
     last = text.strip().splitlines()[-1]
     assert code == 1 and took < 60, (code, took, text[-3000:])

@@ -315,7 +315,8 @@ class Checkpointer:
         hold the same arrays in another tree (an earlier optimizer's chain); the one whose paths were stored
         is read and converted."""
         metadata = self._metadata(step)
-        stored_paths = set(ocp.tree.to_flat_dict(metadata))
+        stored_flat = ocp.tree.to_flat_dict(metadata)  # path -> the stored array's metadata, in the stored order
+        stored_paths = set(stored_flat)
         to_current: Callable[[PyTree], PyTree] | None = None
         if _paths(skeleton) != stored_paths:
             for earlier, conversion in layouts:
@@ -330,10 +331,6 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
         target, convert = abstract, None
         expected, stored = _shapes(abstract), _shapes(metadata)
-        if stored == expected and _paths(abstract) != stored_paths:
-            missing = sorted(_paths(abstract) - stored_paths)
-            raise _ShapeMismatch(f"the same arrays stored under other names, e.g. {'/'.join(missing[0])} is not "
-                                 "stored there")
         if stored != expected:
             legacy = kernels_as_oihw(abstract)
             if stored != _shapes(legacy):
@@ -347,10 +344,11 @@ class Checkpointer:
         # Read in the stored tree's own structure, each array as the target's at its path, then placed by path:
         # the skeleton may differ from it where it holds no arrays (a Dropout module where the run had none, after
         # `--force --set model.dropout=...`), which Orbax would take for a damaged checkpoint.
-        wanted, stored_flat = ocp.tree.to_flat_dict(target), ocp.tree.to_flat_dict(metadata)
-        if set(wanted) != set(stored_flat):
-            missing = sorted(set(wanted) - set(stored_flat)) or sorted(set(stored_flat) - set(wanted))
-            raise _ShapeMismatch(f"the arrays are stored under other names, e.g. {'/'.join(missing[0])}")
+        wanted = ocp.tree.to_flat_dict(target)
+        if set(wanted) != stored_paths:  # the shapes match (checked above), the names do not
+            missing = sorted(set(wanted) - stored_paths)
+            raise _ShapeMismatch(f"the same arrays stored under other names, e.g. {'/'.join(missing[0])} is not "
+                                 "stored there")
         as_stored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(metadata),
                                                  [wanted[k] for k in stored_flat])
         result = self.manager.restore(

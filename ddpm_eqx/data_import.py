@@ -7,8 +7,8 @@ Two kinds of input:
   images beside the subfolders make the folder one without classes (with a warning naming them).
   Transparent pixels are composited on white.
 - an ``.npz`` file with ``image`` (uint8 [N, H, W] or [N, H, W, C]) and optionally ``label``, or a
-  folder of such files, one split each (``*train*`` -> train, ``*test*`` -> test, ``*val*`` ->
-  validation). A single file is the ``train`` split.
+  folder of such files, one split each, named by a word of the file name (``mnist_test.npz`` -> test,
+  ``val.npz`` -> validation, any other -> train). A single file is the ``train`` split.
 
 The result lives under ``<data_dir>/ddpm_eqx_imports/<name>-<key>/``, where the key hashes the resolved
 path and its listing (names, sizes, mtimes): editing the folder makes a new import. The user's folder is
@@ -40,7 +40,7 @@ _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N",
 # Bump when imported datasets change: old imports are then redone. Image folders: 3, 16-bit grey scaled; 4, EXIF
 # orientation applied; 5, grey images with transparency composited on white (as colour ones were), and the size in
 # the features where all images share one. .npz imports: unchanged since 3 (their evaluation caches are keyed by the import).
-_FORMAT_VERSION = {"images": "6", "npz": "3"}
+_FORMAT_VERSION = {"images": "6", "npz": "4"}
 _MAX_CLASSES = 1_000_000  # a label above this is taken for a mistake (an id, a float scaled by mistake), not a class
 
 
@@ -327,15 +327,23 @@ def _load_image(path: Path, mode: str) -> bytes | PILImage.Image:
 # --- .npz arrays --------------------------------------------------------------------------------
 
 
-def _split_name(stem: str) -> str:
-    low = stem.lower()
-    return "test" if "test" in low else "validation" if "val" in low else "train"
+_SPLIT_WORDS = {"train": "train", "test": "test", "val": "validation", "valid": "validation", "validation": "validation"}
+
+
+def _split_name(p: Path) -> str:
+    """The split a file of several is, from the words of its name: ``mnist_test`` and ``val2017`` name one, ``latest``
+    does not (words are the runs of letters; ``training``/``trainset`` count as ``train``, likewise for the others)."""
+    words = {re.sub(r"(ing|set)$", "", w) for w in re.findall(r"[a-z]+", p.stem.lower())}
+    named = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
+    if len(named) > 1:
+        raise DataError(f"{p.name} names the splits {sorted(named)}; rename it to name one of train, test, validation")
+    return named.pop() if named else "train"
 
 
 def _npz_builder(root: Path, files: list[Path], out: Path) -> _ImportedDataset:
     by_split: dict[str, Path] = {}
     for p in files:
-        split = "train" if len(files) == 1 else _split_name(p.stem)
+        split = "train" if len(files) == 1 else _split_name(p)
         if split in by_split:
             raise DataError(f"{by_split[split].name} and {p.name} would both be the {split!r} split of {root}")
         by_split[split] = p

@@ -518,6 +518,20 @@ def test_npz_files_with_labels_in_some_splits_only_are_refused(tmp_path: Path) -
     assert prepare_dataset(cfg).num_classes == 10
 
 
+def test_npz_splits_are_named_by_a_word_of_the_file_name(tmp_path: Path) -> None:
+    """`latest.npz` was the test split ("test" in "latest") and `interval.npz` the validation split."""
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for name, n in (("latest", 20), ("mnist_testing", 10), ("val2017", 5)):
+        np.savez(folder / f"{name}.npz", image=np.zeros((n, 6, 6), np.uint8))
+    cfg = DataConfig(dataset=str(folder), data_dir=str(tmp_path / "tfds"), image_size=6, batch_size=5)
+    assert prepare_dataset(cfg).splits == {"train": 20, "test": 10, "validation": 5}
+    np.savez(folder / "train_test.npz", image=np.zeros((5, 6, 6), np.uint8))
+    with pytest.raises(DataError, match=r"^train_test.npz names the splits \['test', 'train'\]; rename it to name one "
+                                        r"of train, test, validation$"):
+        prepare_dataset(cfg)
+
+
 def test_a_tfds_name_is_the_tfds_dataset_even_where_a_folder_here_has_its_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -221,7 +221,7 @@ def gather(x: jax.Array) -> np.ndarray:
 def check_fits_in_memory(what: str, program: Any, *args: Any) -> None:
     """On a CPU, a ``RuntimeError`` worded as XLA's own allocation failure on an accelerator (``RESOURCE_EXHAUSTED``,
     which the CLI reports in one line) where the jitted ``program``'s temporaries for ``args`` (XLA's buffer
-    assignment, times this process's host devices: each runs its own copy) exceed the memory available now. The
+    assignment, times this process's devices that hold ``args``: each runs its own copy) exceed the memory available now. The
     kernel's OOM killer otherwise ends the process when the program first runs, with no message (the seed's train
     step, batch 1024 on 2 host devices: 17.7 GiB each). The compile is the one the first call then uses (JAX's
     in-memory caches: one backend compile, one trace)."""
@@ -232,11 +232,20 @@ def check_fits_in_memory(what: str, program: Any, *args: Any) -> None:
     analysis = program.lower(*args).compile().memory_analysis()
     if analysis is None:
         return
-    need = analysis.temp_size_in_bytes * len(jax.local_devices())
+    need = analysis.temp_size_in_bytes * _local_devices_holding(args)
     available = psutil.virtual_memory().available
     if need > available:
         raise RuntimeError(f"RESOURCE_EXHAUSTED: {what} needs {need / 2**30:.1f} GiB of memory, "
                            f"{available / 2**30:.1f} GiB are available")
+
+
+def _local_devices_holding(args: Any) -> int:
+    """How many of this process's devices the arrays of ``args`` are on (a mesh may use only some of them); all of
+    them where ``args`` holds no placed array."""
+    here = jax.process_index()
+    devices = {d for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)
+               for d in leaf.sharding.device_set if d.process_index == here}
+    return len(devices) or len(jax.local_devices())
 
 
 __all__ = ["AXIS", "P", "make_mesh", "check_divisible", "check_fits_in_memory", "replicate", "split_global",

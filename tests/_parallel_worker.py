@@ -12,9 +12,10 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import psutil  # noqa: E402
 
 from ddpm_eqx.config import Config, apply_overrides  # noqa: E402
-from ddpm_eqx.parallel import make_mesh, replicate, shard_batch  # noqa: E402
+from ddpm_eqx.parallel import check_fits_in_memory, make_mesh, replicate, shard_batch  # noqa: E402
 from ddpm_eqx.state import init_state  # noqa: E402
 from ddpm_eqx.step import make_train_step  # noqa: E402
 from ddpm_eqx.train import build_model  # noqa: E402
@@ -23,6 +24,26 @@ from ddpm_eqx.diffusion import make_diffusion  # noqa: E402
 TINY = ["model.dim=8", "model.dim_mults=1,2", "model.resnet_block_groups=4", "model.attn_heads=1",
         "model.attn_dim_head=8", "data.image_size=8", "data.batch_size=8", "ddpm.timesteps=100",
         "ddpm.self_condition=true"]
+
+
+def memory_checks(mesh: jax.sharding.Mesh) -> list[bool]:
+    """Whether ``check_fits_in_memory`` passes a program on ``mesh`` with exactly its temporaries times the mesh's
+    devices free, and refuses it with a byte less: the devices of the mesh count, not all of the process's."""
+    program = jax.jit(lambda x: jax.numpy.tanh(x) @ jax.numpy.tanh(x).T)
+    x = replicate(np.ones((64, 64), np.float32), mesh)
+    need = program.lower(x).compile().memory_analysis().temp_size_in_bytes * mesh.devices.size
+    assert need > 0
+    real, results = psutil.virtual_memory, []
+    for available in (need, need - 1):
+        psutil.virtual_memory = lambda: real()._replace(available=available)  # noqa: B023  (called at once)
+        try:
+            check_fits_in_memory("the program", program, x)
+            results.append(True)
+        except RuntimeError:
+            results.append(False)
+        finally:
+            psutil.virtual_memory = real
+    return results
 
 
 def main(counts: list[int], out: Path, optimizer_name: str) -> None:
@@ -45,7 +66,7 @@ def main(counts: list[int], out: Path, optimizer_name: str) -> None:
         leaves = jax.tree_util.tree_leaves(eqx.filter(state.model, eqx.is_inexact_array))
         moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(leaves, initial))
         np.savez(out / f"{devices}.npz", *[np.asarray(x) for x in leaves], loss=np.asarray(metrics["loss"]),
-                 traces=step.traces, moved=moved)
+                 traces=step.traces, moved=moved, memory_checks=memory_checks(mesh))
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ INIT_FROM_FILE = "init_from.json"
 
 WANDB_ID_FILE = "wandb_id.txt"
 """In a run's workdir: the id of its W&B run, which a resume logs into."""
+
+WANDB_MODEL_FILE = "wandb_model.txt"
+"""In a run's workdir: ``<W&B run id> <step>`` once that step's model artifact was logged and the run finished
+(a rerun of a run killed before then logs it)."""

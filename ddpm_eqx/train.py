@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_eqx import allocator
-from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, write_text_atomic
+from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, WANDB_MODEL_FILE, write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts, ModelMismatch
 from ddpm_eqx.config import Config, ConfigError, config_differences, from_dict, program_json, to_dict
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
@@ -171,6 +171,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
+    model_logged: int | None = None  # the step whose model artifact this process logged
     data_wait, input_bound_said = 0.0, False  # seconds in next(iterator) since the last metrics row
     # Seconds on checkpoints, grids and evaluations; each step's metrics, since the last row (a checkpoint between
     # rows keeps its steps' metrics: the first row after a resume is the uninterrupted run's).
@@ -218,15 +219,19 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
             log.info("%s: saving a checkpoint at step %d before exiting", why, step)
             _save(ckpt, step, state, iterator, cfg, environment, window, origin)
         ckpt.wait()
-        if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps and step > start:
+        if run is not None and cfg.wandb.log_model and step == cfg.training.num_train_steps and (
+                _model_logged(workdir) != f"{run.id} {step}"):  # not yet, or a run killed before it finished
             _log_model(run, ckpt.directory, step)
+            model_logged = step
         finished = True
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         disk_full = e  # e.g. metrics.jsonl, while an asynchronous checkpoint save filled the disk
     finally:
-        closers = [stop.restore, iterator.close, writer.close, ckpt.close] + ([run.finish] if run is not None else [])
+        closers = [stop.restore, iterator.close, writer.close, ckpt.close]
+        if run is not None:
+            closers.append(lambda: _finish_wandb(run, workdir, model_logged))
         _shut_down(closers, quiet=not finished)
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
         raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
@@ -534,6 +539,19 @@ def _log_model(run: Any, directory: Path, step: int) -> None:
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step})
     artifact.add_dir(str(directory / str(step)), name=f"checkpoints/{step}")
     run.log_artifact(artifact)
+
+
+def _model_logged(workdir: Path) -> str | None:
+    path = workdir / WANDB_MODEL_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _finish_wandb(run: Any, workdir: Path, model_logged: int | None) -> None:
+    """``run.finish()`` (which waits for the uploads), then the record that the model artifact of step
+    ``model_logged`` is logged: a process killed before this point leaves a rerun to log it."""
+    run.finish()
+    if model_logged is not None:
+        write_text_atomic(workdir / WANDB_MODEL_FILE, f"{run.id} {model_logged}\n")
 
 
 def _wandb_id(workdir: Path) -> str | None:

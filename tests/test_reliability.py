@@ -1141,3 +1141,43 @@ def test_the_weight_shape_check_compares_arrays_only():
     assert cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["optim.lr=2e-4", "model.dropout=0.2"]))
     assert not cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["model.dim=16"]))
     assert not cli._same_weight_shapes(to_dict(run), apply_overrides(run, ["ddpm.self_condition=true"]))
+
+
+@pytest.mark.slow
+def test_a_rerun_logs_the_model_artifact_of_a_run_killed_before_its_upload_finished(fashion_mnist_data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """The artifact is logged after the final checkpoint; a run killed in between (or during the upload) left a
+    finished run without it, and a rerun skipped it (nothing left to train). Now a record written once W&B has
+    finished says whether it was logged; the disk-full tests' tiny program."""
+    import ddpm_eqx.train
+    from _cli import in_process_config
+    from ddpm_eqx.train import train
+
+    class Run:  # W&B's run, as train uses it
+        id = "run1"
+
+        def log(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def finish(self) -> None:
+            pass
+
+    logged: list[int] = []
+
+    def log_model(run: Run, directory: Path, step: int) -> None:
+        logged.append(step)
+        if len(logged) == 1:
+            raise KeyboardInterrupt  # the first attempt is stopped in the upload
+
+    monkeypatch.setattr(ddpm_eqx.train, "start_wandb", lambda *args, **kwargs: Run())
+    monkeypatch.setattr(ddpm_eqx.train, "_log_model", log_model)
+    cfg = in_process_config(fashion_mnist_data_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False)
+    assert logged == [8] and not (tmp_path / "wandb_model.txt").exists()
+    assert train(cfg, tmp_path, progress=False).step == 8  # nothing left to train: it logs the artifact
+    assert logged == [8, 8] and (tmp_path / "wandb_model.txt").read_text() == "run1 8\n"
+    train(cfg, tmp_path, progress=False)  # logged: not again
+    Run.id = "run2"  # a W&B run of its own (another config's, in the same workdir) gets it too
+    train(cfg, tmp_path, progress=False)
+    assert logged == [8, 8, 8]

@@ -242,10 +242,9 @@ def check_fits_in_memory(what: str, program: Any, *args: Any) -> None:
 def _local_devices_holding(args: Any) -> int:
     """How many of this process's devices the arrays of ``args`` are on (a mesh may use only some of them); all of
     them where ``args`` holds no placed array."""
-    here = jax.process_index()
-    devices = {d for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)
-               for d in leaf.sharding.device_set if d.process_index == here}
-    return len(devices) or len(jax.local_devices())
+    local = set(jax.local_devices())
+    holding = {d for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array) for d in leaf.sharding.device_set}
+    return len(holding & local) or len(local)
 
 
 __all__ = ["AXIS", "P", "make_mesh", "check_divisible", "check_fits_in_memory", "replicate", "split_global",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_eqx._io import write_text_atomic
-from ddpm_eqx.config import Config, WandbConfig, to_dict
+from ddpm_eqx.config import Config, WandbConfig, WandbMode, to_dict
 
 log = logging.getLogger("ddpm_eqx")
 
@@ -25,13 +25,25 @@ def setup_logging() -> None:
         log.propagate = False
 
 
+def wandb_mode(cfg: WandbConfig) -> WandbMode:
+    """``wandb.mode``, turned down by W&B's own switches: ``WANDB_MODE=disabled`` (or ``WANDB_DISABLED=true``)
+    turns it off, ``WANDB_MODE=offline`` keeps an online run offline. The environment never turns it on."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if cfg.mode == "disabled" or env == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return "disabled"
+    return "offline" if env in ("offline", "dryrun") else cfg.mode
+
+
 def start_wandb(cfg: WandbConfig, config: Config, workdir: Path, *, resume_id: str | None = None) -> Any:
-    """A W&B run, or None when disabled. Online without credentials falls back to offline, with a warning."""
-    if cfg.mode == "disabled":
+    """A W&B run, or None when disabled (:func:`wandb_mode`). Online without credentials falls back to offline, with
+    a warning. W&B's files go under ``workdir/wandb`` unless ``WANDB_DIR`` says otherwise."""
+    mode = wandb_mode(cfg)
+    if mode != cfg.mode:
+        log.info("wandb.mode=%s, but the environment (WANDB_MODE/WANDB_DISABLED) makes it %s", cfg.mode, mode)
+    if mode == "disabled":
         return None
     import wandb
 
-    mode = cfg.mode
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
         log.warning("wandb.mode=online but no W&B login (WANDB_API_KEY or `wandb login`); logging offline "
                     "to %s instead (sync later with `wandb sync`)", workdir / "wandb")
@@ -85,6 +97,11 @@ class MetricsWriter:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._last = (time.perf_counter(), start_step)
         self._first_row: tuple[float, int] | None = None  # (time, step) of the first row: the ETA's origin
+
+    def restart_clock(self, step: int) -> None:
+        """Time the next row from here, at ``step``: called once the first step after a start has run, so that its
+        compile is not counted as training (a row of that step alone is timed with it)."""
+        self._last = (time.perf_counter(), step)
 
     def eta_s(self, now: float, step: int, row_wall_s: float, row_steps: int) -> float:
         """Seconds to the last step at the wall-clock pace since the first row (checkpoints, grids and evaluations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
 from ddpm_eqx.generate import ShardedSampler
 from ddpm_eqx.images import save_grid
-from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb
+from ddpm_eqx.logging_utils import MetricsWriter, log, setup_logging, start_wandb, wandb_mode
 from ddpm_eqx.parallel import check_divisible, make_mesh, replicate, shard_batch
 from ddpm_eqx.state import (  # the builders live beside the state (sample needs them, not the data)
     TrainState, build_model, build_state, earlier_layouts, init_state, make_optimizer, state_skeleton,
@@ -159,7 +160,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
                              conditional=cfg.model.num_classes is not None, trace_cache=trace_cache,
                              determines=program_json(cfg))
     lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
-    run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir)) if lead else None
+    run = None
+    if lead and wandb_mode(cfg.wandb) != "disabled":
+        run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir))
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
                            total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False,
                            log_train=cfg.wandb.log_train)
@@ -168,6 +171,9 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
              cfg.training.num_train_steps, mesh.devices.size, cfg.data.batch_size, allocator.active() or "system")
     if (note := loss_weighting_note(cfg)) is not None:
         log.warning(note)
+    if _grid_missing(cfg, workdir, start, resumed=restored is not None and bool(ckpt.all_steps())):
+        log.info("drawing the sample grid of step %d, which the stopped run did not", start)
+        _sample_grid(cfg, sampler, state, start, workdir, run)
     step, pending, evaluator = start, None, None
     estimate_at = start + 3 if undersized_machine(cfg) else -1
     t_est, finished, disk_full = 0.0, False, None
@@ -187,6 +193,10 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
             _check_loss(pending, ckpt)
             state, step, pending = new_state, step + 1, (step + 1, metrics["loss"])
             window.append(metrics)
+            if step == start + 1 and step % cfg.training.log_every_steps and step != cfg.training.num_train_steps:
+                jax.block_until_ready(metrics["loss"])  # compiled and run: the first row times the steps after it
+                writer.restart_clock(step)
+                data_wait = 0.0
             if step in (estimate_at - 1, estimate_at):  # the first steps after compilation, timed
                 jax.block_until_ready(metrics["loss"])
                 if step == estimate_at:
@@ -231,7 +241,7 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     finally:
         closers = [stop.restore, iterator.close, writer.close, ckpt.close]
         if run is not None:
-            closers.append(lambda: _finish_wandb(run, workdir, model_logged))
+            closers.append(lambda: _finish_wandb(run, workdir, model_logged, 0 if finished else 1))
         _shut_down(closers, quiet=not finished)
     if disk_full is not None:  # reported once every save has settled, so the intact step is the newest
         raise ckpt.write_failure(str(disk_full.filename or "a file of the run"), NO_SPACE) from None
@@ -530,6 +540,18 @@ class _Evaluator:
             return {"nonfinite_samples": float(e.count)}
 
 
+def _grid_missing(cfg: Config, workdir: Path, start: int, *, resumed: bool) -> bool:
+    """Whether a resume starts at a checkpoint whose sample grid was not drawn (grids follow their checkpoint: a
+    process stopped in between left none), as process 0 sees ``samples/``; the same answer in every process."""
+    every, total = cfg.training.save_and_sample_every, cfg.training.num_train_steps
+    if not (resumed and cfg.training.num_sample and start and (start % every == 0 or start == total)):
+        return False
+    missing = not (workdir / "samples" / f"step_{start}.png").is_file()
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+
+
 def _log_model(run: Any, directory: Path, step: int) -> None:
     """The final checkpoint as a W&B model artifact, ``checkpoints/<step>/`` (what ``--restore-from wandb:...``
     reads). Only that step: W&B stages a copy of what it logs (offline, until synced), and the kept earlier
@@ -537,7 +559,15 @@ def _log_model(run: Any, directory: Path, step: int) -> None:
     import wandb
 
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step})
-    artifact.add_dir(str(directory / str(step)), name=f"checkpoints/{step}")
+    # W&B stages its copy under WANDB_DATA_DIR, by default in the home folder (~/.local/share/wandb), where an
+    # offline run's copy stayed until synced: the run's own wandb/ folder instead, unless the user set one.
+    user_set = "WANDB_DATA_DIR" in os.environ
+    os.environ.setdefault("WANDB_DATA_DIR", str(directory.parent / "wandb"))
+    try:
+        artifact.add_dir(str(directory / str(step)), name=f"checkpoints/{step}")
+    finally:
+        if not user_set:
+            del os.environ["WANDB_DATA_DIR"]
     run.log_artifact(artifact)
 
 
@@ -546,10 +576,10 @@ def _model_logged(workdir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def _finish_wandb(run: Any, workdir: Path, model_logged: int | None) -> None:
-    """``run.finish()`` (which waits for the uploads), then the record that the model artifact of step
-    ``model_logged`` is logged: a process killed before this point leaves a rerun to log it."""
-    run.finish()
+def _finish_wandb(run: Any, workdir: Path, model_logged: int | None, exit_code: int) -> None:
+    """``run.finish()`` (which waits for the uploads; a run that failed is marked so), then the record that the
+    model artifact of step ``model_logged`` is logged: a process killed before this point leaves a rerun to log it."""
+    run.finish(exit_code=exit_code)
     if model_logged is not None:
         write_text_atomic(workdir / WANDB_MODEL_FILE, f"{run.id} {model_logged}\n")
 

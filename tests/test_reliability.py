@@ -434,6 +434,26 @@ def test_sample_guidance_for_unconditional_model_is_an_error_not_a_no_op(tmp_pat
         _draw(request, never_dropped, NeverUsed())
 
 
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, ["online", "offline", "disabled"]),
+    ({"WANDB_MODE": "disabled"}, ["disabled", "disabled", "disabled"]),
+    ({"WANDB_DISABLED": "true"}, ["disabled", "disabled", "disabled"]),
+    ({"WANDB_MODE": "offline"}, ["offline", "offline", "disabled"]),
+    ({"WANDB_MODE": "online"}, ["online", "offline", "disabled"]),
+])
+def test_wandbs_own_environment_switches_turn_logging_down_never_up(monkeypatch, tmp_path, env, expected):
+    """WANDB_MODE=disabled was ignored: the config's mode went to wandb.init, which lets it win."""
+    from ddpm_eqx.config import Config, WandbConfig
+    from ddpm_eqx.logging_utils import start_wandb, wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert [wandb_mode(WandbConfig(mode=m)) for m in ("online", "offline", "disabled")] == expected
+    if expected[0] == "disabled":
+        assert start_wandb(WandbConfig(mode="online"), Config(), tmp_path) is None and not any(tmp_path.iterdir())
+
+
 def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):
     from ddpm_eqx.config import Config, WandbConfig
     from ddpm_eqx.logging_utils import start_wandb
@@ -612,6 +632,7 @@ def test_a_run_waiting_on_its_input_says_so_once_and_logs_the_share(reference_ru
     monkeypatch.setattr(ddpm_eqx.train, "make_train_iterator", lambda *args, **kw: Slow(make(*args, **kw)))
     cfg = in_process_config(fashion_mnist_data_dir)
     train(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "wandb_id.txt").exists()  # W&B is off: no id of a W&B run to resume (it was written)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8] and all(0 <= r["data_wait"] <= 1 for r in rows)
     assert all(r["data_wait"] > INPUT_BOUND for r in rows[1:]), rows
@@ -1144,14 +1165,19 @@ def test_the_weight_shape_check_compares_arrays_only():
 
 
 @pytest.mark.slow
-def test_a_rerun_logs_the_model_artifact_of_a_run_killed_before_its_upload_finished(fashion_mnist_data_dir, tmp_path,
-                                                                                      monkeypatch):
-    """The artifact is logged after the final checkpoint; a run killed in between (or during the upload) left a
-    finished run without it, and a rerun skipped it (nothing left to train). Now a record written once W&B has
-    finished says whether it was logged; the disk-full tests' tiny program."""
+def test_a_rerun_completes_what_a_run_stopped_at_its_end_left_undone(fashion_mnist_data_dir, tmp_path, monkeypatch):
+    """Two things follow a checkpoint and were lost to a process stopped between it and them: the model artifact,
+    logged after the final checkpoint (a rerun had nothing left to train and skipped it), and the sample grid of
+    the checkpoint a resume starts at. Now a record written once W&B has finished says whether the artifact was
+    logged, and a missing grid is drawn. Also: W&B hears whether the run failed; the first metrics row after a
+    start times the steps after the first (whose time is the compile). The disk-full tests' tiny program."""
     import ddpm_eqx.train
     from _cli import in_process_config
+    from ddpm_eqx.config import apply_overrides
+    from ddpm_eqx.logging_utils import MetricsWriter
     from ddpm_eqx.train import train
+
+    finished: list[int] = []
 
     class Run:  # W&B's run, as train uses it
         id = "run1"
@@ -1159,8 +1185,8 @@ def test_a_rerun_logs_the_model_artifact_of_a_run_killed_before_its_upload_finis
         def log(self, *args: object, **kwargs: object) -> None:
             pass
 
-        def finish(self) -> None:
-            pass
+        def finish(self, exit_code: int) -> None:
+            finished.append(exit_code)
 
     logged: list[int] = []
 
@@ -1169,15 +1195,31 @@ def test_a_rerun_logs_the_model_artifact_of_a_run_killed_before_its_upload_finis
         if len(logged) == 1:
             raise KeyboardInterrupt  # the first attempt is stopped in the upload
 
+    drawn: list[int] = []
+
+    def grid(cfg: object, sampler: object, state: object, step: int, workdir: Path, run: object) -> None:
+        drawn.append(step)
+        (workdir / "samples").mkdir(exist_ok=True)
+        (workdir / "samples" / f"step_{step}.png").write_bytes(b"")
+
+    clock_restarts: list[int] = []
+    restart = MetricsWriter.restart_clock
+    monkeypatch.setattr(MetricsWriter, "restart_clock", lambda self, step: clock_restarts.append(step) or restart(
+        self, step))
     monkeypatch.setattr(ddpm_eqx.train, "start_wandb", lambda *args, **kwargs: Run())
     monkeypatch.setattr(ddpm_eqx.train, "_log_model", log_model)
-    cfg = in_process_config(fashion_mnist_data_dir)
+    monkeypatch.setattr(ddpm_eqx.train, "_sample_grid", grid)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # conftest's "disabled" would turn it off
+    cfg = apply_overrides(in_process_config(fashion_mnist_data_dir), ["wandb.mode=offline", "training.num_sample=4"])
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path, progress=False)
-    assert logged == [8] and not (tmp_path / "wandb_model.txt").exists()
-    assert train(cfg, tmp_path, progress=False).step == 8  # nothing left to train: it logs the artifact
-    assert logged == [8, 8] and (tmp_path / "wandb_model.txt").read_text() == "run1 8\n"
-    train(cfg, tmp_path, progress=False)  # logged: not again
-    Run.id = "run2"  # a W&B run of its own (another config's, in the same workdir) gets it too
+    assert logged == [8] and not (tmp_path / "wandb_model.txt").exists() and finished == [1]
+    assert drawn == [2, 4, 6, 8] and clock_restarts == [1]  # the first row (step 2) times step 2 alone
+    (tmp_path / "samples" / "step_8.png").unlink()  # as if the first attempt had stopped before drawing it
+    assert train(cfg, tmp_path, progress=False).step == 8  # nothing left to train: it draws and logs
+    assert logged == [8, 8] and (tmp_path / "wandb_model.txt").read_text() == "run1 8\n" and finished == [1, 0]
+    assert drawn == [2, 4, 6, 8, 8]
+    train(cfg, tmp_path, progress=False)  # done: not again
+    Run.id = "run2"  # a W&B run of its own (another config's, in the same workdir) gets the artifact too
     train(cfg, tmp_path, progress=False)
-    assert logged == [8, 8, 8]
+    assert logged == [8, 8, 8] and drawn == [2, 4, 6, 8, 8] and clock_restarts == [1]

@@ -1,6 +1,9 @@
 """The train step in-process: a tiny model overfits one batch, compiling once; bf16 mode trains too;
 gradient accumulation is the same update in less memory."""
 
+import os
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -160,7 +163,7 @@ def test_the_eta_follows_the_wall_clock_since_the_first_row(tmp_path):
     assert writer.eta_s(now=90.0, step=300, row_wall_s=10.0, row_steps=100) == pytest.approx(700 * 0.15)
 
 
-def test_the_model_artifact_holds_the_final_checkpoint_only(tmp_path):
+def test_the_model_artifact_holds_the_final_checkpoint_only(tmp_path, monkeypatch):
     """W&B stages a copy of an artifact (offline: until synced; it stayed in ~/.local/share/wandb); the whole
     checkpoints folder made it max_to_keep checkpoints large."""
     from ddpm_eqx.train import _log_model
@@ -176,6 +179,11 @@ def test_the_model_artifact_holds_the_final_checkpoint_only(tmp_path):
         def log_artifact(self, artifact) -> None:  # noqa: ANN001
             self.logged.append(artifact)
 
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     _log_model(Run(), tmp_path / "checkpoints", 6)
     [artifact] = Run.logged
     assert sorted(artifact.manifest.entries) == ["checkpoints/6/state/data"] and artifact.metadata == {"step": 6}
+    # W&B's staged copy is in the run's wandb/ folder, not the home folder (an offline run's stayed there)
+    staged = Path(artifact.manifest.entries["checkpoints/6/state/data"].local_path)
+    assert staged.is_relative_to(tmp_path / "wandb") and staged.read_bytes() == b"x" * 6
+    assert "WANDB_DATA_DIR" not in os.environ

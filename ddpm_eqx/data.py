@@ -313,7 +313,7 @@ def _close_prefetching() -> None:
     for it in list(_prefetching):
         with contextlib.suppress(Exception):
             it.close()
-        it.close = lambda: None  # type: ignore[method-assign]
+        it.close = lambda: None
     _release_shared_memory()
 
 

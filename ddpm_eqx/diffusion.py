@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from ddpm_eqx._types import Image, Label, Scalar
+from ddpm_eqx._types import Image, Label, LabelLike, Scalar
 from ddpm_eqx.config import DDPMConfig, LossType, Objective
 from ddpm_eqx.schedule import beta_schedule
 
@@ -32,7 +32,7 @@ class Denoiser(Protocol):
         t: Int[Array, ""],
         *,
         x_self_cond: Image | None = None,
-        label: Label | None = None,
+        label: LabelLike | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> Image: ...
@@ -87,7 +87,7 @@ class GaussianDiffusion(eqx.Module):
         self.self_condition = self_condition
         self.offset_noise_strength = offset_noise_strength
         # Everything is derived in float64, then stored as float32.
-        betas = beta_schedule(beta_schedule_name, timesteps)  # type: ignore[arg-type]
+        betas = beta_schedule(beta_schedule_name, timesteps)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         # alpha_bar_{-1} = 1: at t = 0 the posterior is a point mass on x_0 (the seed wrapped to t = T-1).
@@ -241,7 +241,7 @@ def diffusion_loss(
     x0: Image,
     *,
     key: PRNGKeyArray,
-    label: Label | None = None,
+    label: LabelLike | None = None,
     use_self_cond: Bool[ArrayLike, ""] | None = None,
 ) -> Scalar:
     """The (weighted) simple loss of Ho et al. (2020, eq. 14) for one image.

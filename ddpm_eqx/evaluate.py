@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from jaxtyping import Float, UInt8
 
+from ddpm_eqx._types import HostOrDeviceImages
 from ddpm_eqx.classifier import FeatureReference, classifier_metrics, load_or_train_classifier, reference_statistics
 from ddpm_eqx.config import Config
 from ddpm_eqx.data import load_split_array, subset_ids, to_model_images
@@ -114,7 +115,7 @@ class NonFiniteSamples(ValueError):
         self.count = count
 
 
-def as_scored(images: Float[np.ndarray, "n c h w"]) -> Float[np.ndarray, "n c h w"]:
+def as_scored(images: HostOrDeviceImages) -> Float[np.ndarray, "n c h w"]:
     """``images`` as they are scored: the 8-bit images a sample writes (pytorch-fid scores image files), as the
     reference images are. ``NonFiniteSamples`` where any has a NaN or inf pixel (``to_uint8`` would make it 0)."""
     bad = int((~np.isfinite(images).reshape(images.shape[0], -1).all(axis=1)).sum())
@@ -235,7 +236,7 @@ def small_sample_warning(num: int, distances: Collection[str]) -> str | None:
             "score far above 0), so compare scores only at one --num (the usual FID: 10,000 or more)")
 
 
-def evaluate_images(cfg: Config, images: Float[np.ndarray, "n c h w"], *, metric: Metric = "all",
+def evaluate_images(cfg: Config, images: HostOrDeviceImages, *, metric: Metric = "all",
                     fid_weights: str | None = None, seed: int = 0,
                     reference: int | None = REFERENCE_EXAMPLES) -> dict[str, Any]:
     """All requested metrics of ``images`` (model layout, [-1, 1]), with what they were measured against: the

@@ -208,7 +208,7 @@ def _draw(req: SampleRequest, cfg: Config, model: eqx.Module) -> tuple[np.ndarra
     for lo in tqdm(range(0, req.num, req.batch_size), desc="sampling", unit="batch", disable=None):
         hi = min(lo + req.batch_size, req.num)
         chunks.append(draw(model, keys[lo:hi], None if labels is None else labels[lo:hi]))
-    return np.concatenate(chunks), _Setup(process, model, shape, mesh, kwargs, keys, labels)  # type: ignore[arg-type]
+    return np.concatenate(chunks), _Setup(process, model, shape, mesh, kwargs, keys, labels)
 
 
 def run_sample(req: SampleRequest) -> list[Path]:

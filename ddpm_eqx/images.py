@@ -6,20 +6,24 @@ import math
 from pathlib import Path
 
 import numpy as np
-from jaxtyping import Float, UInt8
+from jaxtyping import Array, Float, UInt8
 from PIL import Image as PILImage
 
+from ddpm_eqx._types import HostOrDeviceImages
 
-def to_uint8(images: Float[np.ndarray, "b c h w"]) -> UInt8[np.ndarray, "b h w c"]:
+
+def to_uint8(images: HostOrDeviceImages) -> UInt8[np.ndarray, "b h w c"]:
     """[-1, 1] channels-first floats to uint8 channels-last pixels."""
     x = (np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5
     return np.round(x).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def make_grid(images: Float[np.ndarray, "b c h w"], *, ncols: int | None = None, pad: int = 2) -> UInt8[np.ndarray, "H W c"]:
+def make_grid(images: HostOrDeviceImages, *, ncols: int | None = None, pad: int = 2) -> UInt8[np.ndarray, "H W c"]:
     """Tile images into a near-square grid with ``pad`` pixels of black between them."""
     pixels = to_uint8(images)
     b, h, w, c = pixels.shape
+    if not b:
+        raise ValueError("no images to tile into a grid")
     ncols = ncols or math.ceil(math.sqrt(b))
     nrows = math.ceil(b / ncols)
     grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.uint8)
@@ -33,14 +37,14 @@ def _pil(grid: UInt8[np.ndarray, "H W c"]) -> PILImage.Image:
     return PILImage.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
 
 
-def save_grid(images: Float[np.ndarray, "b c h w"], path: str | Path) -> Path:
+def save_grid(images: HostOrDeviceImages, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _pil(make_grid(images)).save(path)
     return path
 
 
-def save_trajectory(path_images: Float[np.ndarray, "b n c h w"], path: str | Path, *, frames: int = 20) -> Path:
+def save_trajectory(path_images: Float[np.ndarray | Array, "b n c h w"], path: str | Path, *, frames: int = 20) -> Path:
     """The denoising path of a few images: an animated GIF, or (``.png``) frames side by side, one row each."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

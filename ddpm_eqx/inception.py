@@ -316,7 +316,7 @@ def named_convs(model: FIDInceptionV3) -> list[tuple[str, BasicConv2d]]:
     is_conv = lambda node: isinstance(node, BasicConv2d)  # noqa: E731
     flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_conv)
     # Paths are GetAttrKey entries: their .name is the field name, hence the torch name.
-    names = [".".join(k.name for k in path) for path, _ in flat]  # type: ignore[attr-defined]
+    names = [".".join(k.name for k in path) for path, _ in flat]
     return [(name, conv) for name, (_, conv) in zip(names, flat, strict=True) if is_conv(conv)]
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ddpm_eqx._types import Image, Images, Keys, Label
+from ddpm_eqx._types import Image, Images, KeysLike, Label
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, check_model
 
 Sampler = Literal["ddpm", "ddim"]
@@ -140,7 +140,7 @@ def check_labels(model: Any, labels: Int[Array, " b"] | None, *, null_class: boo
 
 @overload
 def sample(
-    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
     sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: Literal[False] = ...,
 ) -> Images: ...
@@ -148,7 +148,7 @@ def sample(
 
 @overload
 def sample(
-    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
     sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: Literal[True],
 ) -> tuple[Images, Float[Array, "b n c h w"]]: ...
@@ -156,7 +156,7 @@ def sample(
 
 @overload
 def sample(
-    process: GaussianDiffusion, model: Denoiser, keys: Keys, shape: tuple[int, int, int], *,
+    process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
     sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: bool = ...,
 ) -> Images | tuple[Images, Float[Array, "b n c h w"]]: ...
@@ -165,7 +165,7 @@ def sample(
 def sample(
     process: GaussianDiffusion,
     model: Denoiser,
-    keys: Keys,
+    keys: KeysLike,
     shape: tuple[int, int, int],
     *,
     sampler: Sampler = "ddpm",
@@ -198,7 +198,7 @@ def sample(
 def _sample(
     process: GaussianDiffusion,
     model: Denoiser,
-    keys: Keys,
+    keys: KeysLike,
     shape: tuple[int, int, int],
     *,
     sampler: Sampler,

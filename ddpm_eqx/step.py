@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ddpm_eqx._types import Image, Images, Keys, Label
+from ddpm_eqx._types import Image, Images, Keys, Label, LabelLike, Timestep
 from ddpm_eqx.config import Config, program_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.layers import FourierFeatures
@@ -37,7 +37,7 @@ class HalfPrecision(eqx.Module):
 
     model: PyTree
 
-    def __call__(self, x: Image, t: Int[Array, ""], **kwargs: Any) -> Image:
+    def __call__(self, x: Image, t: Timestep, **kwargs: Any) -> Image:
         model = to_bfloat16(self.model)
         sc = kwargs.pop("x_self_cond", None)
         sc = None if sc is None else sc.astype(jnp.bfloat16)
@@ -61,9 +61,9 @@ def example_loss(
     process: GaussianDiffusion,
     model: Denoiser,
     x0: Image,
-    label: Label,
+    label: LabelLike,
     key: PRNGKeyArray,
-    use_self_cond: Bool[Array, ""],
+    use_self_cond: Bool[ArrayLike, ""],
     num_classes: int | None,
     cond_drop_prob: float,
 ) -> Float[Array, ""]:
@@ -141,7 +141,7 @@ def make_train_step(
         params, static = eqx.partition(state.model, trainable(state.model))
         proc_arrays, proc_static = eqx.partition(process, eqx.is_array)
 
-        def shard_fn(params, images, labels, keys, use_sc, proc_arrays):  # type: ignore[no-untyped-def]
+        def shard_fn(params, images, labels, keys, use_sc, proc_arrays):
             return grads_on_shard(params, static, images, labels, keys, use_sc, eqx.combine(proc_arrays, proc_static))
 
         sharded = batch_sharded(shard_fn, mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(), P()),

@@ -7,6 +7,7 @@ seed's 10,042,753 parameters. One image in, one image out: batch with ``jax.vmap
 Inside, the network runs channels-last (``h w c``; see ``ddpm_eqx.layers``): one transpose in, one out.
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 import equinox as eqx
@@ -16,7 +17,7 @@ import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped
 
-from ddpm_eqx._types import Image, Key, Label, LabelLike, Timestep
+from ddpm_eqx._types import Image, ImageLike, Key, Label, LabelLike, Timestep
 from ddpm_eqx.config import ModelConfig
 from ddpm_eqx.layers import (
     Attention,
@@ -124,7 +125,7 @@ class UNet(eqx.Module):
         key: Key,
         init_dim: int | None = None,
         out_dim: int | None = None,
-        dim_mults: tuple[int, ...] = (1, 2, 4),
+        dim_mults: Sequence[int] = (1, 2, 4),
         resnet_block_groups: int = 8,
         attn_heads: int = 4,
         attn_dim_head: int = 32,
@@ -205,17 +206,18 @@ class UNet(eqx.Module):
     @jaxtyped(typechecker=beartype)
     def __call__(
         self,
-        x: Image,
+        x: ImageLike,
         t: Timestep,
         *,
-        x_self_cond: Image | None = None,
+        x_self_cond: ImageLike | None = None,
         label: LabelLike | None = None,
         key: Key | None = None,
         inference: bool = True,
     ) -> Float[Array, "c_out h w"]:
         """Predict from one noisy image ``x`` at timestep ``t`` (an array or a number); dropout only with
         ``inference=False``."""
-        t, label = jnp.asarray(t), None if label is None else jnp.asarray(label)
+        x, t, label = jnp.asarray(x), jnp.asarray(t), None if label is None else jnp.asarray(label)
+        x_self_cond = None if x_self_cond is None else jnp.asarray(x_self_cond)
         self._check_call(x, label, key, inference)
         if self.self_condition:
             x_self_cond = jnp.zeros_like(x) if x_self_cond is None else x_self_cond
@@ -271,7 +273,7 @@ class UNet(eqx.Module):
 
 
 def make_unet(
-    model_cfg: ModelConfig, *, channels: int, image_size: int, self_condition: bool, key: Key
+    model_cfg: ModelConfig, *, channels: int, image_size: int | tuple[int, int], self_condition: bool, key: Key
 ) -> UNet:
     """Build the U-Net that ``config.model`` describes for data of the given shape."""
     return UNet(

@@ -42,7 +42,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # workers compiling the same program never interleave their writes or read one half-written.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
-jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype")
+# As mypy reads annotations (PEP 484): an int is a float. beartype by default refused `min_snr_gamma=5`.
+jaxtyping.install_import_hook("ddpm_eqx", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 from ddpm_eqx.parallel import CPU_XLA_FLAGS  # noqa: E402  (after the hook, before any backend starts)
 from _archives import FASHION_MNIST_FILES, SHARED_DATA  # noqa: E402

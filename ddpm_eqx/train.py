@@ -8,6 +8,7 @@ SIGTERM/SIGINT save a checkpoint at the current step and return cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -27,7 +28,8 @@ import numpy as np
 from ddpm_eqx import allocator
 from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, WANDB_MODEL_FILE, write_text_atomic
 from ddpm_eqx.checkpoint import NO_SPACE, Checkpointer, CheckpointError, Layouts, ModelMismatch
-from ddpm_eqx.config import Config, ConfigError, config_differences, from_dict, program_json, to_dict
+from ddpm_eqx.config import (Config, ConfigError, config_differences, from_dict, program_json, to_dict,
+                             trained_config_dict)
 from ddpm_eqx.data import make_train_iterator, prepare_dataset, reads_from_memory
 from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.environment import describe, differences
@@ -162,7 +164,8 @@ def train(cfg: Config, workdir: str | Path, *, restore_from: str | Path | None =
     lead = jax.process_index() == 0  # one process writes metrics, grids and W&B; all write checkpoints
     run = None
     if lead and wandb_mode(cfg.wandb) != "disabled":
-        run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir))
+        resumed = restored is not None and bool(ckpt.all_steps())
+        run = start_wandb(cfg.wandb, cfg, workdir, resume_id=_wandb_id(workdir, cfg, start if resumed else None))
     writer = MetricsWriter(workdir / ("" if lead else f"process_{jax.process_index()}"), run,
                            total_steps=cfg.training.num_train_steps, start_step=start, progress=progress if lead else False,
                            log_train=cfg.wandb.log_train)
@@ -584,16 +587,39 @@ def _finish_wandb(run: Any, workdir: Path, model_logged: int | None, exit_code: 
         write_text_atomic(workdir / WANDB_MODEL_FILE, f"{run.id} {model_logged}\n")
 
 
-def _wandb_id(workdir: Path) -> str | None:
-    path = workdir / WANDB_ID_FILE
-    if path.is_file():
-        return path.read_text().strip()
+def _wandb_id(workdir: Path, cfg: Config, resumed_at: int | None) -> str:
+    """The id of the W&B run this run logs into: the one ``wandb_id.txt`` names, or a new one. A new one also
+    where a resume at step ``resumed_at`` with another config (``--force``) redoes steps that W&B run already
+    has rows of: W&B keeps a step's first row, so the new rows would be dropped there."""
     import uuid
 
+    path = workdir / WANDB_ID_FILE
+    old = path.read_text().strip() if path.is_file() else None
+    if old and resumed_at is not None and (last := _last_row(workdir, resumed_at)) is not None:
+        theirs = trained_config_dict(workdir, [resumed_at])
+        if theirs is not None and (changed := config_differences(theirs, to_dict(cfg))):
+            new = uuid.uuid4().hex[:8]
+            log.warning("W&B run %s has rows up to step %d, and this run redoes the steps after %d with another "
+                        "config (%s); W&B keeps a step's first row, so it logs into a new W&B run, %s", old, last,
+                        resumed_at, "; ".join(changed), new)
+            write_text_atomic(path, new)
+            return new
+    if old:
+        return old
     workdir.mkdir(parents=True, exist_ok=True)
     new = uuid.uuid4().hex[:8]
     write_text_atomic(path, new)
     return new
+
+
+def _last_row(workdir: Path, after: int) -> int | None:
+    """The last step of ``metrics.jsonl`` where it is past ``after`` (rows a resume at ``after`` redoes), else None."""
+    path = workdir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            steps.append(int(json.loads(line)["step"]))
+    return max(steps) if steps and max(steps) > after else None
 
 
 def validate_setup(cfg: Config) -> None:

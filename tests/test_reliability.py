@@ -1223,3 +1223,27 @@ def test_a_rerun_completes_what_a_run_stopped_at_its_end_left_undone(fashion_mni
     Run.id = "run2"  # a W&B run of its own (another config's, in the same workdir) gets the artifact too
     train(cfg, tmp_path, progress=False)
     assert logged == [8, 8, 8] and drawn == [2, 4, 6, 8, 8] and clock_restarts == [1]
+
+
+def test_a_forced_resume_with_another_config_over_logged_steps_logs_into_a_new_wandb_run(tmp_path, warnings_logged):
+    """After a NaN the error says to resume from an older checkpoint with a lower lr (`--force`): the redone steps'
+    rows went to the W&B run that already had those steps, which keeps a step's first row: the new ones were lost
+    there. Such a resume now gets a new W&B run; a plain resume (the same rows again) keeps its own."""
+    from ddpm_eqx.config import Config, apply_overrides, to_json
+    from ddpm_eqx.train import _wandb_id
+
+    cfg = Config()
+    (tmp_path / "checkpoints" / "4" / "meta").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text(json.dumps({"config": json.loads(to_json(cfg))}))
+    (tmp_path / "wandb_id.txt").write_text("old")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (2, 4, 6)))
+    lower = apply_overrides(cfg, ["optim.lr=1e-4"])
+    assert _wandb_id(tmp_path, cfg, 4) == "old"  # the same config: the same rows again
+    assert _wandb_id(tmp_path, apply_overrides(cfg, ["training.num_train_steps=99"]), 4) == "old"  # resumable
+    assert _wandb_id(tmp_path, lower, 6) == "old" and _wandb_id(tmp_path, lower, None) == "old"  # no step redone
+    assert not warnings_logged
+    new = _wandb_id(tmp_path, lower, 4)
+    assert new != "old" and (tmp_path / "wandb_id.txt").read_text() == new
+    assert warnings_logged == [f"W&B run old has rows up to step 6, and this run redoes the steps after 4 with another "
+                               f"config (optim.lr: 0.001 -> 0.0001); W&B keeps a step's first row, so it logs into a "
+                               f"new W&B run, {new}"]

@@ -195,7 +195,10 @@ def resolve_config(dataset: Optional[str], config_file: Optional[Path], override
 
 
 def _config_file_of(dataset: str) -> Optional[Path]:
-    """``configs/<dataset>.py`` where there is one."""
+    """``configs/<dataset>.py`` where there is one, for a bare name (``./fashion_mnist`` is a folder, not the
+    config of TFDS's fashion_mnist)."""
+    if Path(dataset).name != dataset:
+        return None
     path = CONFIG_DIR / f"{dataset}.py"
     return path if path.is_file() else None
 
@@ -306,6 +309,7 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
     from ddpm_eqx._io import INIT_FROM_FILE, WANDB_ID_FILE, write_text_atomic
     from ddpm_eqx.config import to_dict, to_json
 
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -391,12 +395,28 @@ def _prepare_workdir(workdir: Path, cfg, force: bool, source: Optional[str] = No
         if text != new:
             if text is None:  # this command's attempt, refused before it saved: no config.json to mislead the next
                 path.unlink(missing_ok=True)
+                if created:  # nor the folder it made, where nothing else was written there
+                    _remove_if_empty_run(workdir)
                 return
             write_text_atomic(path, text)
             if backup is not None:
                 backup.unlink(missing_ok=True)
 
     return undo
+
+
+def _remove_if_empty_run(workdir: Path) -> None:
+    """Remove ``workdir`` where it holds no more than a start leaves before its first checkpoint: its lock and an
+    empty ``checkpoints/``."""
+    entries = {p.name: p for p in workdir.iterdir()}
+    if not set(entries) <= {".lock", "checkpoints"}:
+        return
+    if "checkpoints" in entries:
+        if not entries["checkpoints"].is_dir() or any(entries["checkpoints"].iterdir()):
+            return
+        entries["checkpoints"].rmdir()
+    (workdir / ".lock").unlink(missing_ok=True)
+    workdir.rmdir()
 
 
 def _is_ours(text: str) -> bool:

@@ -49,12 +49,18 @@ install() {  # $1: a jax extra to install too (cuda12, tpu, ...), or nothing
 }
 
 link_offline_archives() {
-  # TFDS's manual-dir convention: archives here are used instead of downloading.
+  # TFDS's manual-dir convention: archives here are used instead of downloading. In a folder of fashion_mnist's
+  # own (ddpm-eqx reads downloads/manual/<name>/ first): MNIST's archives have the same file names. Links an
+  # earlier run.sh made in downloads/manual/ itself are moved there.
   local data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
   local shared=../shared/data/fashion_mnist
   if [ -d "$shared" ]; then
-    mkdir -p "$data_dir/downloads/manual"
-    for f in "$shared"/*.gz; do ln -sf "$(realpath "$f")" "$data_dir/downloads/manual/"; done
+    mkdir -p "$data_dir/downloads/manual/fashion_mnist"
+    for f in "$shared"/*.gz; do
+      local old="$data_dir/downloads/manual/$(basename "$f")"
+      if [ -L "$old" ] && [ "$(realpath "$old")" = "$(realpath "$f")" ]; then rm "$old"; fi
+      ln -sf "$(realpath "$f")" "$data_dir/downloads/manual/fashion_mnist/"
+    done
   fi
 }
 

@@ -50,8 +50,13 @@ def data_dir_of(cfg: DataConfig) -> Path:
     return Path(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
 
 
-def _manual_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.manual_dir).expanduser() if cfg.manual_dir else data_dir_of(cfg) / "downloads" / "manual"
+def _manual_dir(cfg: DataConfig, name: str) -> Path:
+    """``data.manual_dir``, else TFDS's ``<data_dir>/downloads/manual/``, or its subfolder ``<name>/`` where there
+    is one: MNIST's and Fashion-MNIST's archives have the same file names, so they cannot share one folder."""
+    if cfg.manual_dir:
+        return Path(cfg.manual_dir).expanduser()
+    shared = data_dir_of(cfg) / "downloads" / "manual"
+    return shared / name if (shared / name).is_dir() else shared
 
 
 def _tfds_builder(name: str, data_dir: Path) -> tfds.core.DatasetBuilder:
@@ -114,7 +119,8 @@ def _foreign_archives(builder: tfds.core.DatasetBuilder, manual_dir: Path) -> li
 
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder, cfg: DataConfig, download: bool) -> None:
-    name, manual_dir = builder.name, _manual_dir(cfg)
+    name = builder.name
+    manual_dir = _manual_dir(cfg, name)
     if foreign := _foreign_archives(builder, manual_dir):
         raise DataError(f"{manual_dir}/ holds files named as {name}'s archives that are not them: "
                         f"{'; '.join(foreign)} (another dataset's?); give {name}'s archives a folder of their own and "
@@ -154,6 +160,9 @@ def names_a_path(name: str) -> bool:
     return not (_TFDS_NAME.fullmatch(name) and re.split("[/:]", name)[0] in registered)
 
 
+_NOTED: set[str] = set()
+
+
 def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.DatasetBuilder:
     """The builder of ``cfg.dataset``, prepared (or imported) first when needed."""
     name, data_dir = cfg.dataset, data_dir_of(cfg)
@@ -162,7 +171,8 @@ def prepared_builder(cfg: DataConfig, *, download: bool = True) -> tfds.core.Dat
         if not path.exists():
             raise DataError(f"dataset {name!r}: no such file or folder (nor a TFDS name; see {_CATALOG})")
         return tfds.builder_from_directory(str(import_path(path, data_dir)))
-    if path.exists():
+    if path.exists() and name not in _NOTED:  # once a process (validated first, then read)
+        _NOTED.add(name)
         print(f"note: data.dataset={name!r} is the TFDS dataset, not the folder {name}/ here (./{name} names that)",
               file=sys.stderr, flush=True)
     builder = _tfds_builder(name, data_dir)

@@ -118,7 +118,7 @@ def fashion_mnist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     with _built_once(tmp_path_factory, "tfds_fashion_mnist") as (data_dir, ready):
         if not ready:
-            manual = data_dir / "downloads" / "manual"
+            manual = data_dir / "downloads" / "manual" / "fashion_mnist"  # its own: MNIST's files have its names
             manual.mkdir(parents=True)
             for name in FASHION_MNIST_FILES:
                 try:

@@ -538,7 +538,9 @@ def test_a_tfds_name_is_the_tfds_dataset_even_where_a_folder_here_has_its_name(
     """`data prepare fashion_mnist --manual-dir fashion_mnist` (archives kept in ./fashion_mnist) imported the
     archives' folder as images; `eval` of a fashion_mnist run from there scored against that folder."""
     import cli
+    from ddpm_eqx import data_prepare
 
+    monkeypatch.setattr(data_prepare, "_NOTED", set())
     monkeypatch.chdir(tmp_path)
     for name in ("fashion_mnist", "my_images"):
         (tmp_path / name).mkdir()
@@ -555,6 +557,13 @@ def test_a_tfds_name_is_the_tfds_dataset_even_where_a_folder_here_has_its_name(
     assert cli._absolute_if_path("./fashion_mnist") == str(tmp_path / "fashion_mnist")
     assert cli._absolute_if_path("my_images") == str(tmp_path / "my_images")
     assert cli._absolute_if_path("mnist") == "mnist"  # no such folder
+    # ./NAME is the folder in the whole CLI, also where configs/NAME.py exists (that config trained TFDS's dataset)
+    assert cli.resolve_config("./fashion_mnist", None, [], None).data.dataset == str(tmp_path / "fashion_mnist")
+    assert cli.resolve_config("fashion_mnist", None, [], None).data.batch_size == 1024  # configs/fashion_mnist.py
+    # the note is printed once in a process (the CLI validates, then reads: it was printed twice)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=tfds_dir), download=False)
+    assert "note:" not in capsys.readouterr().err
 
 
 # --- errors, fast and offline --------------------------------------------------------------------
@@ -867,6 +876,17 @@ def test_another_datasets_archive_of_the_same_name_in_the_manual_dir_is_named(tm
     with pytest.raises(DataError, match=r"holds files named as mnist's archives that are not them: "
                                         r"t10k-images-idx3-ubyte.gz \(10 bytes, mnist's has 1,648,877\).*--manual-dir"):
         prepare_dataset(cfg)
+
+    # In TFDS's own manual dir, each dataset's archives may sit in a folder of its name, which is read first: there
+    # Fashion-MNIST's (as run.sh now puts them) are no longer in MNIST's way.
+    shared = tmp_path / "tfds" / "downloads" / "manual"
+    (shared / "fashion_mnist").mkdir(parents=True)
+    (shared / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"x" * 10)
+    with pytest.raises(DataError, match=r"^cannot download mnist \(downloads disabled\): place .* in "
+                                        r".*/downloads/manual/$"):
+        prepare_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "tfds")), download=False)
+    with pytest.raises(DataError, match=r"fashion_mnist's archives that are not them: t10k-images-idx3-ubyte.gz"):
+        prepare_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path / "tfds")), download=False)
 
 
 def test_a_class_folder_that_cannot_be_read_is_an_error_not_a_missing_class(tmp_path, monkeypatch) -> None:

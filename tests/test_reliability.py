@@ -166,11 +166,21 @@ def test_config_json_is_a_run_only_beside_checkpoints_and_a_failed_forced_start_
     assert refused.value.exit_code == 2 and "bert" in (foreign / "config.json").read_text()
     cli._prepare_workdir(foreign, a, force=True)
     assert from_json((foreign / "config.json").read_text()) == a and "bert" in (foreign / "config.0.json").read_text()
-    # A new workdir's start that fails before saving (--init-from another architecture) leaves no config.json.
+    # A new workdir's start that fails before saving (--init-from another architecture) leaves no config.json, and
+    # no folder where it made one and nothing else was written (it left its lock and an empty checkpoints/).
     undo = cli._prepare_workdir(tmp_path / "new", a, force=False)
     assert (tmp_path / "new" / "config.json").is_file()
+    (tmp_path / "new" / "checkpoints").mkdir()  # as the Checkpointer makes it
     undo()
-    assert not (tmp_path / "new" / "config.json").exists()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is theirs
+    undo = cli._prepare_workdir(tmp_path / "mine", a, force=False)
+    undo()
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "config.json").exists()
+    undo = cli._prepare_workdir(tmp_path / "new", a, force=False)
+    (tmp_path / "new" / "wandb").mkdir()  # something else was written: kept
+    undo()
+    assert (tmp_path / "new" / "wandb").is_dir() and not (tmp_path / "new" / "config.json").exists()
 
 
 def test_a_stopped_fine_tuning_start_leads_only_its_own_rerun_to_its_source(tmp_path, capsys):

@@ -709,7 +709,7 @@ def cache(
     """Where the compiled programs (XLA's persistent cache) and the stored traces are kept, and their size.
 
     Nothing prunes them; either may be deleted at any time (the next run compiles or traces again). --clear
-    deletes only their own files: JAX's ``*-cache``/``*-atime`` entries and ddpm-eqx's ``*.jaxexport`` traces,
+    deletes only their own files: JAX's *-cache and *-atime entries and ddpm-eqx's *.jaxexport traces,
     with the temporary files of writes that were killed, never anything else a shared folder holds.
     """
     folder = xla_cache_dir()

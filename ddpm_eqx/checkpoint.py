@@ -334,9 +334,10 @@ class Checkpointer:
         if stored != expected:
             legacy = kernels_as_oihw(abstract)
             if stored != _shapes(legacy):
-                diff = sorted(set(expected) - set(stored)) or sorted(set(stored) - set(expected))
-                raise _ShapeMismatch(f"expected array shape {diff[0] if diff else '?'} is not stored there; "
-                                     f"{len(expected)} arrays expected, {len(stored)} stored")
+                lacking, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+                which = (f"expected array shape {lacking[0]} is not stored there" if lacking else
+                         f"stored array shape {extra[0]} is not expected" if extra else "other arrays are stored")
+                raise _ShapeMismatch(f"{which}; {len(expected)} arrays expected, {len(stored)} stored")
             # Written before ddpm-eqx stored conv kernels HWIO: read them as stored, convert in memory.
             log.info("checkpoint %s/%d has OIHW convolution kernels (an older ddpm-eqx); converting them to HWIO",
                      self.directory, step)

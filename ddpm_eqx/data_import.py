@@ -85,13 +85,13 @@ def import_path(path: Path, data_dir: Path) -> Path:
         if (builder_dir / "dataset_info.json").exists():  # another process imported it while this one waited
             _warn(notes)
             return builder_dir
-        print(f"Importing {path} into {root} (once) ...", flush=True)
         try:
             with no_stray_temp_dirs():
                 if images:
                     builder: _ImportedDataset = _folder_builder(path, images, root)
                 else:
                     builder = _npz_builder(path, arrays, root)
+            print(f"Importing {path} into {root} (once) ...", flush=True)  # checked: it will be imported
             _write_notes(notes, builder)  # before the build is final: a finished import always has its warnings
             builder.download_and_prepare(file_format="array_record")
         except DataError:

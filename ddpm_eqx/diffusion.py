@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from ddpm_eqx._types import Image, Label, LabelLike, Scalar
+from ddpm_eqx._types import Image, ImageLike, Label, LabelLike, Scalar
 from ddpm_eqx.config import DDPMConfig, LossType, Objective
 from ddpm_eqx.schedule import beta_schedule
 
@@ -238,7 +238,7 @@ def make_diffusion(cfg: DDPMConfig, loss_type: LossType) -> GaussianDiffusion:
 def diffusion_loss(
     process: GaussianDiffusion,
     model: Denoiser,
-    x0: Image,
+    x0: ImageLike,
     *,
     key: PRNGKeyArray,
     label: LabelLike | None = None,
@@ -259,6 +259,7 @@ def diffusion_loss(
     trained on it is guided by an untrained embedding row.
     """
     check_model(process, model)
+    x0 = jnp.asarray(x0)
     t_key, noise_key, offset_key, sc_key, sc_model_key, model_key = jax.random.split(key, 6)
     t = jax.random.randint(t_key, (), 0, process.timesteps)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)

@@ -125,7 +125,7 @@ def sample_image(
     return jnp.clip(x, -1.0, 1.0), path
 
 
-def check_labels(model: Any, labels: Int[Array, " b"] | None, *, null_class: bool = False) -> None:
+def check_labels(model: Any, labels: Int[Array | np.ndarray, " b"] | None, *, null_class: bool = False) -> None:
     """A ``ValueError`` for concrete labels outside the model's classes (``null_class``: its null class, the
     label ``num_classes``, too): the embedding would clamp them to the null class, an unconditional draw."""
     num_classes = getattr(model, "num_classes", None)
@@ -141,7 +141,7 @@ def check_labels(model: Any, labels: Int[Array, " b"] | None, *, null_class: boo
 @overload
 def sample(
     process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
-    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array | np.ndarray, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: Literal[False] = ...,
 ) -> Images: ...
 
@@ -149,7 +149,7 @@ def sample(
 @overload
 def sample(
     process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
-    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array | np.ndarray, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: Literal[True],
 ) -> tuple[Images, Float[Array, "b n c h w"]]: ...
 
@@ -157,7 +157,7 @@ def sample(
 @overload
 def sample(
     process: GaussianDiffusion, model: Denoiser, keys: KeysLike, shape: tuple[int, int, int], *,
-    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array, " b"] | None = ...,
+    sampler: Sampler = ..., steps: int | None = ..., eta: float = ..., labels: Int[Array | np.ndarray, " b"] | None = ...,
     guidance: float | Float[Array, ""] = ..., return_path: bool = ...,
 ) -> Images | tuple[Images, Float[Array, "b n c h w"]]: ...
 
@@ -171,7 +171,7 @@ def sample(
     sampler: Sampler = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    labels: Int[Array, " b"] | None = None,
+    labels: Int[Array | np.ndarray, " b"] | None = None,
     guidance: float | Float[Array, ""] = 1.0,
     return_path: bool = False,
 ) -> Images | tuple[Images, Float[Array, "b n c h w"]]:
@@ -189,7 +189,14 @@ def sample(
                          "pass sampler='ddim'")
     check_model(process, model)  # DDIM's steps are checked by ddim_timesteps, as the program is traced
     check_labels(model, labels)
-    guide = None if labels is None or (isinstance(guidance, (int, float)) and guidance == 1.0) else guidance
+    number = isinstance(guidance, (int, float))
+    if number and guidance < 0:
+        raise ValueError(f"guidance must be >= 0 (0: unconditional, 1: conditional, above: guided), got {guidance}")
+    if labels is None and not (number and guidance == 1.0):  # it would be ignored
+        raise ValueError("guidance needs labels: it mixes the class-conditional and the unconditional output; pass "
+                         "labels, or leave guidance at 1.0")
+    guide = None if labels is None or (number and guidance == 1.0) else guidance
+    labels = None if labels is None else jnp.asarray(labels)
     return _sample(process, model, keys, shape, sampler=sampler, steps=steps, eta=eta, labels=labels,
                    guidance=None if guide is None else jnp.asarray(guide, jnp.float32), return_path=return_path)
 

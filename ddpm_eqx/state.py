@@ -9,6 +9,7 @@ from ema-pytorch), where ``epoch`` counts steps since ``update_after_step``.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable
 
 import equinox as eqx
@@ -66,12 +67,24 @@ def make_optimizer(cfg: OptimConfig, num_train_steps: int) -> optax.GradientTran
     with clipping, weight decay or a schedule switched on or off (the remedy a non-finite loss suggests)."""
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip is not None else optax.identity()
     decay = cfg.optimizer == "AdamW" or cfg.weight_decay > 0
-    return optax.chain(
+    schedule = learning_rate_schedule(cfg, num_train_steps)
+    optimizer = optax.chain(
         clip,
         optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay) if decay else optax.identity(),
-        optax.scale_by_learning_rate(learning_rate_schedule(cfg, num_train_steps)),
+        optax.scale_by_learning_rate(schedule),
     )
+    _SCHEDULES[optimizer.update] = schedule
+    return optimizer
+
+
+_SCHEDULES: weakref.WeakKeyDictionary[Callable[..., Any], optax.Schedule] = weakref.WeakKeyDictionary()
+
+
+def schedule_of(optimizer: optax.GradientTransformation) -> optax.Schedule | None:
+    """The learning-rate schedule of an optimizer :func:`make_optimizer` built; None for any other (optax keeps
+    no record of it)."""
+    return _SCHEDULES.get(optimizer.update)
 
 
 def earlier_optimizers(cfg: OptimConfig, num_train_steps: int) -> list[optax.GradientTransformation]:

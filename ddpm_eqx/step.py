@@ -24,7 +24,7 @@ from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.layers import FourierFeatures
 from ddpm_eqx.logging_utils import log
 from ddpm_eqx.parallel import AXIS, P, batch_sharded, check_divisible, check_fits_in_memory
-from ddpm_eqx.state import TrainState, ema_update, learning_rate_schedule, trainable
+from ddpm_eqx.state import TrainState, ema_update, schedule_of, trainable
 from ddpm_eqx.trace_cache import stored_program
 
 Metrics = dict[str, Float[Array, ""]]
@@ -79,7 +79,7 @@ def example_loss(
 
 def make_train_step(
     cfg: Config, process: GaussianDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-    trace_cache: Path | None = None,
+    trace_cache: Path | None = None, lr_schedule: optax.Schedule | None = None,
 ) -> "TrainStep":
     """Build ``train_step(state, images, labels) -> (state, metrics)``, jitted, state donated.
 
@@ -88,8 +88,14 @@ def make_train_step(
     see :mod:`ddpm_eqx.trace_cache`) the traced program is stored there and a later process with the same
     code, environment, config and argument shapes reads it instead of tracing; only where ``cfg`` alone
     determines ``process`` and ``optimizer``, as in :func:`ddpm_eqx.train.train`.
+
+    The step reads of ``cfg``: the seed, ``model.num_classes`` (which the model must have) with
+    ``training.cond_drop_prob``, ``training.half_precision``/``grad_accum_steps``, ``ema.*`` and
+    ``data.batch_size``'s split. Its metrics are ``loss``, ``grad_norm`` and ``lr``: the learning rate of
+    ``lr_schedule``, else of an ``optimizer`` that :func:`ddpm_eqx.state.make_optimizer` built; without
+    either, no ``lr`` (a schedule inside your own optimizer is not visible from outside).
     """
-    lr_schedule = learning_rate_schedule(cfg.optim, cfg.training.num_train_steps)
+    lr_schedule = lr_schedule or schedule_of(optimizer)
     num_classes, drop_prob = cfg.model.num_classes, cfg.training.cond_drop_prob
     half = cfg.training.half_precision
     accum = cfg.training.grad_accum_steps
@@ -134,6 +140,10 @@ def make_train_step(
 
     def train_step(state: TrainState, images: Images, labels: Int[Array, " b"]) -> tuple[TrainState, Metrics]:
         traces[0] += 1
+        if (has := getattr(state.model, "num_classes", num_classes)) != num_classes:
+            raise ValueError(f"the model has num_classes={has}, the config model.num_classes={num_classes}: the step "
+                             "would train it on other labels than its classes (None: the null class alone); build "
+                             "both from one setting")
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         example_key, sc_key = jax.random.split(step_key)
         keys = jax.random.split(example_key, images.shape[0])
@@ -150,7 +160,9 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         ema_model = ema_update(cfg.ema, state.ema_model, model, state.step)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr_schedule(state.step))}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step))
         return TrainState(state.step + 1, model, ema_model, opt_state), metrics
 
     return TrainStep(train_step, traces, trace_cache=trace_cache, determines=program_json(cfg))

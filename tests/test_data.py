@@ -617,7 +617,7 @@ def test_npz_labels_that_do_not_fit_the_images_are_refused(tmp_path: Path, label
         np.testing.assert_array_equal(load_split_array(cfg, "train")[1], np.ravel(fine).astype(np.int64))
 
 
-def test_unreadable_or_empty_npz_files_are_one_line_errors(tmp_path: Path) -> None:
+def test_unreadable_or_empty_npz_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake, empty, torn, single = (tmp_path / f"{name}.npz" for name in ("fake", "empty", "torn", "single"))
     fake.write_text("not a zip")
     np.savez(empty, image=np.zeros((0, 8, 8), np.uint8))
@@ -630,6 +630,7 @@ def test_unreadable_or_empty_npz_files_are_one_line_errors(tmp_path: Path) -> No
                           (single, "cannot be read as an .npz of arrays (ValueError: a single array")):
         with pytest.raises(DataError, match=re.escape(message)):
             prepare_dataset(DataConfig(dataset=str(path), data_dir=str(tmp_path / "tfds"), image_size=8))
+    assert "Importing" not in capsys.readouterr().out  # it said so before each refusal
 
 
 def test_folder_classes_skip_hidden_folders_and_follow_linked_ones(tmp_path: Path) -> None:

@@ -147,6 +147,15 @@ def test_options_a_sampler_would_ignore_and_labels_out_of_range_are_errors():
     for labels in ([0, 3], [-1, 2]):
         with pytest.raises(ValueError, match=r"labels must be classes 0..2 \(None: unconditional\)"):
             sample(process, model, keys, (1, 8, 8), labels=jnp.array(labels), sampler="ddim", steps=1)
+    # guidance without labels was ignored (the images were the unguided ones); below 0, as SamplingConfig refuses it
+    with pytest.raises(ValueError, match="^guidance needs labels: it mixes the class-conditional and the "
+                                         "unconditional output; pass labels, or leave guidance at 1.0$"):
+        sample(process, model, keys, (1, 8, 8), sampler="ddim", steps=1, guidance=3.0)
+    with pytest.raises(ValueError, match=r"^guidance must be >= 0 \(0: unconditional"):
+        sample(process, model, keys, (1, 8, 8), labels=jnp.array([0, 1]), sampler="ddim", steps=1, guidance=-1.0)
+    np.testing.assert_array_equal(  # NumPy labels are labels too
+        sample(process, model, keys, (1, 8, 8), labels=np.array([0, 2]), sampler="ddim", steps=1, guidance=2),
+        sample(process, model, keys, (1, 8, 8), labels=jnp.array([0, 2]), sampler="ddim", steps=1, guidance=2.0))
     # The sharded sampler: its labels are traced inside shard_map, where sample() cannot check them (-1 and 7 drew
     # the null class), and a sampler built unconditional dropped them (every image the null class's). Its null
     # class (3) is a label it takes.

@@ -1,11 +1,13 @@
 """The train step in-process: a tiny model overfits one batch, compiling once; bf16 mode trains too;
 gradient accumulation is the same update in less memory."""
 
+import dataclasses
 import os
 from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from ddpm_eqx.config import Config, apply_overrides
 from ddpm_eqx.diffusion import make_diffusion
 from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
-from ddpm_eqx.state import init_state
+from ddpm_eqx.state import init_state, schedule_of
 from ddpm_eqx.step import make_train_step
 from ddpm_eqx.train import build_model, build_state
 
@@ -39,6 +41,26 @@ def _run(overrides: list[str], steps: int) -> tuple[list[float], int]:
         state, metrics = step(state, *batch)
         losses.append(float(metrics["loss"]))
     return losses, step.traces
+
+
+def test_the_step_refuses_a_model_of_other_classes_and_reports_the_lr_it_knows():
+    """make_train_step read model.num_classes from the config: a conditional model built on its own was trained on
+    the null class alone, silently. Its lr metric was the config's schedule whatever the optimizer (0.001 beside
+    optax.adam(1e-2)); now the schedule of make_optimizer's optimizers or of ``lr_schedule``, else none."""
+    cfg = apply_overrides(Config(), TINY)
+    mesh = make_mesh()
+    state, process, optimizer = build_state(apply_overrides(cfg, ["model.num_classes=3"]))
+    batch = shard_batch((np.zeros((8, 1, 8, 8), np.float32), np.zeros(8, np.int32)), mesh)
+    with pytest.raises(ValueError, match=r"^the model has num_classes=3, the config model.num_classes=None: "):
+        make_train_step(cfg, process, optimizer, mesh)(state, *batch)
+    state, process, optimizer = build_state(cfg)
+    adam = optax.adam(1e-2)
+    assert schedule_of(adam) is None and schedule_of(optimizer)(0) == pytest.approx(3e-3)  # none: no lr metric
+    for opt, kwargs, lr in ((optimizer, {}, 3e-3), (adam, {"lr_schedule": lambda step: 1e-2}, 1e-2)):
+        fresh = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)  # donated
+        fresh = dataclasses.replace(fresh, opt_state=opt.init(eqx.filter(fresh.model, eqx.is_inexact_array)))
+        _, metrics = make_train_step(cfg, process, opt, mesh, **kwargs)(fresh, *batch)
+        assert metrics.get("lr") == (None if lr is None else pytest.approx(lr)) and np.isfinite(metrics["loss"])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from ddpm_eqx._types import Image, ImageLike, Label, LabelLike, Scalar
+from ddpm_eqx._types import Image, ImageLike, LabelLike, Scalar
 from ddpm_eqx.config import DDPMConfig, LossType, Objective
 from ddpm_eqx.schedule import beta_schedule
 

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ddpm_eqx._types import Image, Images, Keys, Label, LabelLike, Timestep
+from ddpm_eqx._types import Image, Images, Keys, LabelLike, Timestep
 from ddpm_eqx.config import Config, program_json
 from ddpm_eqx.diffusion import Denoiser, GaussianDiffusion, diffusion_loss
 from ddpm_eqx.layers import FourierFeatures

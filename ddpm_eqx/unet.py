@@ -17,7 +17,7 @@ import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped
 
-from ddpm_eqx._types import Image, ImageLike, Key, Label, LabelLike, Timestep
+from ddpm_eqx._types import ImageLike, Key, Label, LabelLike, Timestep
 from ddpm_eqx.config import ModelConfig
 from ddpm_eqx.layers import (
     Attention,

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +36,11 @@ from ddpm_eqx import allocator  # noqa: E402
 from ddpm_eqx.parallel import set_host_device_count  # noqa: E402
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from ddpm_eqx.config import Config
+    from ddpm_eqx.state import TrainState
+    from ddpm_eqx.step import TrainStep
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -126,6 +130,24 @@ def loader_figures(cfg: Config, batches: int) -> dict[str, float | int | str | b
             "loader_from_memory": loader["from_memory"]}
 
 
+def train_step_inputs(cfg: Config, mesh: Mesh) -> tuple[TrainState, Any, TrainStep, tuple[Any, Any]]:
+    """A freshly built train state and diffusion process replicated on ``mesh``, their train step, and a batch
+    of ``cfg.data.batch_size`` uniform random images (labels 0) split over ``mesh``."""
+    import numpy as np
+
+    from ddpm_eqx.parallel import replicate, shard_batch
+    from ddpm_eqx.step import make_train_step
+    from ddpm_eqx.train import build_state
+
+    state, process, optimizer = build_state(cfg)
+    state, process = replicate(state, mesh), replicate(process, mesh)
+    step = make_train_step(cfg, process, optimizer, mesh)
+    n, c, s = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size
+    rng = np.random.default_rng(0)
+    batch = shard_batch((rng.uniform(-1, 1, (n, c, s, s)).astype(np.float32), np.zeros((n,), np.int32)), mesh)
+    return state, process, step, batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist.py")
@@ -149,13 +171,10 @@ def main() -> None:
 
     import equinox as eqx
     import jax
-    import numpy as np
 
     from ddpm_eqx.config import apply_overrides, load_config_file
     from ddpm_eqx.generate import ShardedSampler
-    from ddpm_eqx.parallel import make_mesh, replicate, shard_batch
-    from ddpm_eqx.step import make_train_step
-    from ddpm_eqx.train import build_state
+    from ddpm_eqx.parallel import make_mesh
     from ddpm_eqx.unet import count_params
 
     cfg = apply_overrides(load_config_file(args.config), [f"data.batch_size={args.batch}", *args.overrides])
@@ -164,15 +183,10 @@ def main() -> None:
                                          "batch": args.batch, "devices": mesh.devices.size,
                                          "backend": jax.default_backend(), "malloc": allocator.active() or "system"}
     t = time.perf_counter()
-    state, process, optimizer = build_state(cfg)
+    state, process, step, batch = train_step_inputs(cfg, mesh)
     out["init_s"] = time.perf_counter() - t
     out["params"] = count_params(state.model)
-    state, process = replicate(state, mesh), replicate(process, mesh)
-    step = make_train_step(cfg, process, optimizer, mesh)
     c, s = cfg.data.channels, cfg.data.image_size
-    rng = np.random.default_rng(0)
-    batch = shard_batch((rng.uniform(-1, 1, (args.batch, c, s, s)).astype(np.float32),
-                         np.zeros((args.batch,), np.int32)), mesh)
 
     t = time.perf_counter()
     lowered = eqx.filter_jit(step._fn).lower(state, *batch)  # type: ignore[attr-defined]

@@ -33,7 +33,30 @@ T = TypeVar("T")
 # spatial size and few channels run at ~30-50 GFLOP/s; Eigen's run at 130-200. Measured on the seed's
 # U-Net (batch 32, 2 cores): train step 3.2 s -> 1.9 s. Everything else stays with YNNPACK, whose
 # reductions and small matmuls beat XLA's own emitters (turning YNNPACK off entirely: 3.4 s).
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+BASE_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+# With AVX-512, XLA's elementwise fusions go to YNNPACK too (`+eltwise`) instead of an LLVM kernel of XLA's own
+# each: the train step's XLA compile 25-30% shorter on both CPUs measured, the step 0-5% faster on a Zen 5 (AVX-512)
+# but 0-5% slower on a Zen 3 (AVX2), where the compile is not worth it (benchmarks/RESULTS.md, sessions 18, 37).
+# Only on the jaxlib it was measured with: the enum's value names are XLA's to change.
+AVX512_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise",)
+
+
+def cpu_has_avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has AVX-512 (``avx512f`` among the flags of Linux's ``/proc/cpuinfo``); ``False`` where
+    that cannot be read (other systems, other architectures)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "avx512f" in line.split() for line in text.splitlines())
+
+
+def cpu_xla_flags(*, avx512: bool | None = None, jaxlib_version: str | None = None) -> tuple[str, ...]:
+    """The XLA:CPU flags ``ddpm-eqx`` sets (:data:`AVX512_CPU_XLA_FLAGS` on a CPU with AVX-512 and the jaxlib
+    they were measured with, else :data:`BASE_CPU_XLA_FLAGS`); the arguments stand in for this machine's."""
+    avx512 = cpu_has_avx512() if avx512 is None else avx512
+    version = jaxlib_version if jaxlib_version is not None else _jaxlib_version() or ""
+    return AVX512_CPU_XLA_FLAGS if avx512 and version.startswith(MEASURED_JAXLIB) else BASE_CPU_XLA_FLAGS
 
 
 def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -120,6 +143,9 @@ def _jaxlib_version() -> str | None:
         return importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+CPU_XLA_FLAGS = cpu_xla_flags()
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -248,5 +274,5 @@ def _local_devices_holding(args: Any) -> int:
 
 
 __all__ = ["AXIS", "P", "make_mesh", "check_divisible", "check_fits_in_memory", "replicate", "split_global",
-           "shard_batch", "batch_sharded", "gather", "set_host_device_count", "CPU_XLA_FLAGS", "xla_knows",
-           "available_cores", "default_host_devices"]
+           "shard_batch", "batch_sharded", "gather", "set_host_device_count", "CPU_XLA_FLAGS", "cpu_xla_flags",
+           "xla_knows", "available_cores", "default_host_devices"]

@@ -77,3 +77,46 @@ def test_published_peaks_match_the_device_kinds_jax_reports():
     kinds = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "NVIDIA H100 80GB HBM3": 989.0,
              "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0, "cpu": None}
     assert {kind: bench.published_peak_tflops(kind) for kind in kinds} == kinds
+
+
+def _bench_options():  # noqa: ANN202
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_options imports bench_train beside it
+    spec = importlib.util.spec_from_file_location("bench_options", ROOT / "benchmarks" / "bench_options.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_options_alternates_the_programs_abba_on_the_state_each_returns():
+    calls = []
+
+    def program(name):  # noqa: ANN001, ANN202
+        def run(state, x):  # noqa: ANN001, ANN202
+            calls.append((name, state))
+            return state + x, {"loss": 0.0}
+        return run
+
+    times = _bench_options().abba({"A": program("A"), "B": program("B")}, 0, (1,), pairs=3)
+    assert [name for name, _ in calls] == list("AB" + "ABBAAB")  # a warm-up each, then A B, B A, A B
+    assert [state for _, state in calls] == list(range(8))  # every step continues from the one before
+    assert len(times["A"]) == len(times["B"]) == 3 and min(times["A"] + times["B"]) >= 0
+
+
+@pytest.mark.slow
+def test_bench_options_compiles_each_setting_and_reports_consistent_figures():
+    sets = [s for s in TINY if not s.startswith(("training.", "sampling."))]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_options.py"), "--config", "configs/fashion_mnist_cpu.py",
+           "--batch", "8", "--host-devices", "2", "--pairs", "2", "--b-first", "--json",
+           *[a for s in sets for a in ("--set", s)]]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    d = json.loads(out)
+    assert d["devices"] == 2 and d["pairs"] == 2 and "ELTWISE" in d["b"] and "ELTWISE" not in d["a"]
+    assert d["compile_s_A"] > 0 and d["compile_s_B"] > 0 and list(d).index("compile_s_B") < list(d).index("compile_s_A")
+    for name in "AB":
+        assert 0 < d[f"step_min_s_{name}"] <= d[f"step_s_{name}"] and d[f"step_mean_s_{name}"] >= d[f"step_min_s_{name}"]
+    assert math.isclose(d["step_b_over_a"], d["step_s_B"] / d["step_s_A"], rel_tol=1e-9)
+    # A value the option does not take is XLA's error, not a silent fallback to its default.
+    bad = subprocess.run([*cmd[:2], "--config", "configs/fashion_mnist_cpu.py", "--batch", "8", "--pairs", "1",
+                          "--b", "NO_SUCH_FUSION", *cmd[cmd.index("--json") + 1:]], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "not a valid enum value" in bad.stderr

@@ -119,3 +119,35 @@ def test_flags_another_jaxlib_lacks_are_left_out_not_fatal(monkeypatch):
     killed = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert killed.returncode != 0 and "Unknown flag in XLA_FLAGS" in killed.stderr
+
+
+def test_elementwise_fusions_go_to_ynnpack_only_with_avx512_on_the_measured_jaxlib(tmp_path):
+    """AVX512_CPU_XLA_FLAGS where the CPU has AVX-512 and jaxlib is the measured one, else the base flags; the
+    AVX-512 flag is one this jaxlib takes, and it does what it is set for: an elementwise program becomes a
+    YNNPACK fusion instead of XLA's own loop kernel."""
+    from ddpm_eqx import parallel
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert parallel.cpu_has_avx512(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16 avx512fx\n")  # whole words only
+    assert not parallel.cpu_has_avx512(info)
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd sve avx512f\n")  # an Arm CPU's line, not x86 flags
+    assert not parallel.cpu_has_avx512(info)
+    assert not parallel.cpu_has_avx512(tmp_path / "missing")
+    assert parallel.cpu_xla_flags(avx512=True, jaxlib_version="0.10.2") == parallel.AVX512_CPU_XLA_FLAGS
+    assert parallel.cpu_xla_flags(avx512=False, jaxlib_version="0.10.2") == parallel.BASE_CPU_XLA_FLAGS
+    assert parallel.cpu_xla_flags(avx512=True, jaxlib_version="0.11.0") == parallel.BASE_CPU_XLA_FLAGS
+    assert parallel.CPU_XLA_FLAGS == parallel.cpu_xla_flags(avx512=parallel.cpu_has_avx512())
+
+    program = ("import jax, jax.numpy as jnp; "
+               "print(jax.jit(lambda x: jnp.tanh(x) * 2 + x).lower(jnp.ones((64, 64))).compile().as_text())")
+    kinds = {}
+    for name, flags in (("avx512", parallel.AVX512_CPU_XLA_FLAGS), ("base", parallel.BASE_CPU_XLA_FLAGS)):
+        env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        kinds[name] = done.stdout
+    assert "__ynn_fusion" in kinds["avx512"] and "kind=kLoop" not in kinds["avx512"]
+    assert "__ynn_fusion" not in kinds["base"] and "kind=kLoop" in kinds["base"]

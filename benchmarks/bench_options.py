@@ -18,7 +18,6 @@ own spelling (for an enum list: its value names, comma-separated), not ``XLA_FLA
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -69,7 +68,7 @@ def main() -> None:
 
     import equinox as eqx
 
-    from bench_train import train_step_inputs
+    from bench_train import print_figures, train_step_inputs
     from ddpm_eqx.config import apply_overrides, load_config_file
     from ddpm_eqx.parallel import make_mesh
 
@@ -91,11 +90,7 @@ def main() -> None:
         out[f"step_min_s_{name}"] = min(times[name])
         out[f"step_mean_s_{name}"] = statistics.mean(times[name])
     out["step_b_over_a"] = out["step_s_B"] / out["step_s_A"]  # type: ignore[operator]
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for k, v in out.items():
-            print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
+    print_figures(out, as_json=args.json)
 
 
 if __name__ == "__main__":

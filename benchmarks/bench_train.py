@@ -250,11 +250,17 @@ def main() -> None:
     if args.loader_batches > 0:
         out.update(loader_figures(cfg, args.loader_batches))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for k, v in out.items():
-            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+    print_figures(out, as_json=args.json)
+
+
+def print_figures(figures: dict[str, float | int | str | bool], *, as_json: bool) -> None:
+    """One JSON object, or a line a figure (floats to 4 significant digits)."""
+    if as_json:
+        print(json.dumps(figures, indent=2))
+        return
+    width = max(map(len, figures))
+    for k, v in figures.items():
+        print(f"{k:>{width}}: {v:.4g}" if isinstance(v, float) else f"{k:>{width}}: {v}")
 
 
 if __name__ == "__main__":

@@ -2,4 +2,4 @@
 
 from ddpm_eqx import _source  # noqa: F401  (the source as imported, for the stored traces' keys)
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"

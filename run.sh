@@ -74,7 +74,7 @@ case "${1:-}" in
     if "$VENV/bin/python" -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu')" 2>/dev/null; then
       config=configs/fashion_mnist.py      # an accelerator: the seed's config
     else
-      config=configs/fashion_mnist_cpu.py  # CPU only: about 25-40 minutes on 2 cores
+      config=configs/fashion_mnist_cpu.py  # CPU only: 9-40 minutes on 2 cores, by CPU (README)
     fi
     # The run folder: runs/fashion_mnist, or the --workdir among the extra arguments (sampled from below too).
     workdir=runs/fashion_mnist

@@ -66,7 +66,6 @@ def main() -> None:
     allocator.reexec_with_caching_allocator()
     set_host_device_count(args.host_devices)
 
-
     from bench_train import print_figures, train_step_inputs
     from ddpm_eqx.config import apply_overrides, load_config_file
     from ddpm_eqx.parallel import make_mesh
